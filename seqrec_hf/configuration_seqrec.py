@@ -1,0 +1,131 @@
+"""Configuration of the SeqRec next-item Transformer.
+
+This file is copied next to the weights by `save_pretrained`, so `trust_remote_code=True` loads work where
+`seqrec_hf` is not installed: it must only import from transformers.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+_LOSS_TYPES = ("full_ce",)
+
+
+@strict
+class SeqRecConfig(PreTrainedConfig):
+    r"""Hyper-parameters of a decoder-only next-item Transformer (SASRec/HSTU family).
+
+    Args:
+        vocab_size: Number of item ids, special tokens included (= `len(tokenizer)`).
+        hidden_size: Width of item embeddings and of every block.
+        num_hidden_layers: Number of Transformer blocks.
+        num_attention_heads: Attention heads per block; must divide `hidden_size`.
+        intermediate_size: Width of the feed-forward layer inside each block.
+        hidden_act: Activation of the feed-forward layer (`"gelu"`, `"relu"`, `"silu"`).
+        hidden_dropout_prob: Dropout on embeddings, attention output and feed-forward output.
+        attention_dropout: Dropout on attention probabilities.
+        max_position_embeddings: Longest history the model reads (learned absolute positions).
+        layer_norm_eps: Epsilon of every LayerNorm.
+        initializer_range: Standard deviation of the normal weight initialisation.
+        tie_word_embeddings: Score items with the item embedding matrix (the output layer is tied to the
+            input embeddings); halves the parameters and is what SASRec and its successors do.
+        pad_token_id: Id of the padding token (left padding everywhere).
+        unk_token_id: Id of the unknown-item token.
+        num_special_tokens: Ids below this are special tokens, never recommended nor used as targets.
+        use_time_bias: Add a learned relative attention bias indexed by the log-bucketed time gap between
+            the query and key events (HSTU), so the model uses *when* things happened, not only their order.
+            Needs `timestamps` at call time.
+        time_num_buckets: Number of log-spaced time-gap buckets (gaps beyond the last bucket are clipped).
+        time_bucket_base: Base of the logarithm that defines the buckets (gap in seconds).
+        loss_type: Training loss. `"full_ce"`: cross-entropy over the whole catalog.
+        loss_chunk_size: Positions scored at once when computing the loss; bounds the [positions x catalog]
+            logits memory, the backward pass recomputes each chunk.
+        recommend_chunk_size: Catalog items scored at once in `recommend()`; bounds serving memory.
+    """
+
+    model_type = "seqrec"
+
+    vocab_size: int = 1002
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 256
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.2
+    attention_dropout: float = 0.2
+    max_position_embeddings: int = 200
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 0
+    unk_token_id: int = 1
+    num_special_tokens: int = 2
+    use_time_bias: bool = False
+    time_num_buckets: int = 32
+    time_bucket_base: float = 2.0
+    loss_type: str = "full_ce"
+    loss_chunk_size: int = 4096
+    recommend_chunk_size: int = 65536
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Raise `ValueError` naming the field when a value or a combination is invalid.
+
+        Runs at construction and on `from_pretrained`, so a hand-edited config.json fails loudly.
+        """
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "time_num_buckets",
+            "loss_chunk_size",
+            "recommend_chunk_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SeqRecConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"SeqRecConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("hidden_dropout_prob", "attention_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"SeqRecConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"SeqRecConfig.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.time_bucket_base, (int, float)) or self.time_bucket_base <= 1.0:
+            raise ValueError(f"SeqRecConfig.time_bucket_base must be > 1, got {self.time_bucket_base!r}")
+        if self.hidden_act not in ("gelu", "relu", "silu"):
+            raise ValueError(
+                f"SeqRecConfig.hidden_act must be 'gelu', 'relu' or 'silu', got {self.hidden_act!r}"
+            )
+        if self.loss_type not in _LOSS_TYPES:
+            raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
+        if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:
+            raise ValueError(f"SeqRecConfig.num_special_tokens must be >= 1, got {self.num_special_tokens!r}")
+        if self.num_special_tokens >= self.vocab_size:
+            raise ValueError(
+                f"SeqRecConfig.vocab_size ({self.vocab_size}) must exceed num_special_tokens "
+                f"({self.num_special_tokens}): the catalog is empty"
+            )
+        for name in ("pad_token_id", "unk_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.num_special_tokens:
+                raise ValueError(
+                    f"SeqRecConfig.{name} must be a special id in [0, num_special_tokens={self.num_special_tokens}),"
+                    f" got {value!r}"
+                )
+
+
+__all__ = ["SeqRecConfig"]

@@ -1,0 +1,532 @@
+"""SeqRec: a decoder-only Transformer that reads a user's time-ordered history and scores the next item.
+
+SASRec-style architecture (item + learned position embeddings, pre-norm causal blocks, output tied to the
+item embeddings) with an optional HSTU-style relative attention bias from log-bucketed time gaps.
+
+Conventions used everywhere in this file:
+- Left padding: the most recent event is always at the last position, so `hidden[:, -1]` is the user state.
+- Position ids count from each user's first real event, so extra left padding changes nothing.
+- Timestamps (int64 seconds) drive the time bias: the query at position i is the time of the event being
+  predicted (t[i+1]; at the last position `query_timestamps` or, if absent, t[-1]); its keys are the times of
+  the events it attends to. So the output at position i depends on items up to i and timestamps up to i+1.
+
+This file is copied next to the weights by `save_pretrained` for `trust_remote_code=True` loads: it imports
+only torch, transformers and the config file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_seqrec import SeqRecConfig
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+@dataclass
+class SeqRecModelOutput(ModelOutput):
+    """Output of the bare `SeqRecModel`.
+
+    Args:
+        last_hidden_state: (batch, seq_len, hidden_size) final hidden states (after the last LayerNorm).
+        hidden_states: per-layer hidden states (embeddings first) when `output_hidden_states=True`.
+        attentions: per-layer attention probabilities when `output_attentions=True` (eager attention only).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class NextItemPredictionOutput(ModelOutput):
+    """Output of `SeqRecForNextItemPrediction`.
+
+    Args:
+        loss: mean next-item cross-entropy over the non-padding target positions (when `labels` is given).
+        logits: (batch, kept_positions, vocab_size) item scores; `logits[:, -1]` scores the next item.
+            Special-token columns are raw scores: `recommend()` and the evaluator mask them.
+        last_hidden_state: (batch, seq_len, hidden_size) final hidden states.
+        hidden_states: per-layer hidden states when `output_hidden_states=True`.
+        attentions: per-layer attention probabilities when `output_attentions=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def time_gap_buckets(
+    timestamps: torch.Tensor, query_timestamps: torch.Tensor | None, num_buckets: int, base: float
+) -> torch.Tensor:
+    """Log-bucketed gaps between each query time and each key event, as in HSTU.
+
+    timestamps: (B, T) int64 seconds of the events. query_timestamps: (B,) time of the request (the event
+    being predicted at the last position) or None. Returns (B, T, T) long bucket ids in [0, num_buckets).
+    """
+    ts = timestamps.long()
+    last_query = ts[:, -1:] if query_timestamps is None else query_timestamps.long().view(-1, 1)
+    queries = torch.cat([ts[:, 1:], last_query], dim=1)  # (B, T): time of the event predicted at position i
+    gaps = (queries[:, :, None] - ts[:, None, :]).abs().clamp(min=1).float()  # (B, T, T)
+    buckets = torch.floor(torch.log(gaps) / math.log(base)).long()
+    return buckets.clamp(0, num_buckets - 1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention; `attention_mask` is an additive float mask (B, 1|H, T, T)."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, T)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, H, hd)
+    return attn_output, attn_weights
+
+
+class SeqRecAttention(nn.Module):
+    """Causal multi-head self-attention dispatched through the transformers attention interface."""
+
+    def __init__(self, config: SeqRecConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask.to(query.dtype),
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        attn_output = attn_output.reshape(batch, seq_len, -1)
+        return self.o_proj(attn_output), attn_weights
+
+
+class SeqRecMLP(nn.Module):
+    """Position-wise feed-forward layer."""
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _ACTIVATIONS[config.hidden_act]()
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(hidden_states)))
+
+
+class SeqRecTimeBias(nn.Module):
+    """A learned per-head bias for each time-gap bucket (one table per layer, zero at init)."""
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__()
+        self.bias = nn.Embedding(config.time_num_buckets, config.num_attention_heads)
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        return self.bias(buckets).permute(0, 3, 1, 2)  # (B, T, T, H) -> (B, H, T, T)
+
+
+class SeqRecBlock(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: SeqRecConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = SeqRecAttention(config, layer_idx)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SeqRecMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.time_bias = SeqRecTimeBias(config) if config.use_time_bias else None
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, time_buckets: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.time_bias is not None and time_buckets is not None:
+            attention_mask = attention_mask + self.time_bias(time_buckets)
+        attn_output, attn_weights = self.self_attn(self.attn_norm(hidden_states), attention_mask)
+        hidden_states = hidden_states + self.dropout(attn_output)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states, attn_weights
+
+
+class SeqRecPreTrainedModel(PreTrainedModel):
+    """Weight init and the transformers plumbing shared by the bare model and the heads."""
+
+    config_class = SeqRecConfig
+    config: SeqRecConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["SeqRecBlock"]
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as safetensors; `auto_map` lists every Auto class so remote-code loads find each head."""
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoConfig": "configuration_seqrec.SeqRecConfig",
+                "AutoModel": "modeling_seqrec.SeqRecModel",
+                "AutoModelForCausalLM": "modeling_seqrec.SeqRecForNextItemPrediction",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SeqRecTimeBias):
+            # Zero bias at init: a time-aware model starts as its time-blind twin and learns what gaps mean.
+            init.zeros_(module.bias.weight)
+
+
+class SeqRecModel(SeqRecPreTrainedModel):
+    """The bare Transformer: item ids (+ timestamps) in, one hidden state per position out."""
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__(config)
+        self.embed_items = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList([SeqRecBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_items
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_items = value
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, timestamps: torch.Tensor | None
+    ) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: every history needs at least one item")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        if timestamps is not None and timestamps.shape != input_ids.shape:
+            raise ValueError(
+                f"timestamps shape {tuple(timestamps.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        if self.config.use_time_bias and timestamps is None:
+            raise ValueError("this model uses time (config.use_time_bias=True): pass `timestamps`")
+        if torch.compiler.is_compiling():
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]:"
+                " encode histories with the model's own tokenizer"
+            )
+        longest = int(attention_mask.sum(-1).max())
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(
+                f"a history has {longest} items but max_position_embeddings={self.config.max_position_embeddings};"
+                " truncate with tokenizer(..., max_length=...)"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        timestamps: torch.LongTensor | None = None,
+        query_timestamps: torch.LongTensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> SeqRecModelOutput:
+        r"""
+        Args:
+            input_ids: (B, T) item ids, left padded.
+            attention_mask: (B, T) 1 for real events, 0 for padding; derived from `pad_token_id` if absent.
+            timestamps: (B, T) int64 seconds of each event; needed when `config.use_time_bias`.
+            query_timestamps: (B,) time of the request, i.e. of the event predicted at the last position.
+        """
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        self._check_inputs(input_ids, attention_mask, timestamps)
+        batch, seq_len = input_ids.shape
+        valid = attention_mask.bool()
+
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # first real event -> 0
+        hidden_states = self.embed_items(input_ids) + self.embed_positions(position_ids)
+        hidden_states = self.embed_dropout(hidden_states)  # (B, T, d)
+
+        # Additive mask (B, 1, T, T): causal and no padding keys. The diagonal stays open so padding rows
+        # (which attend to nothing real) still have one finite entry and softmax never yields NaN.
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
+        diagonal = torch.eye(seq_len, dtype=torch.bool, device=input_ids.device)
+        allowed = (causal & valid[:, None, :]) | diagonal
+        mask = torch.zeros(batch, 1, seq_len, seq_len, device=input_ids.device, dtype=hidden_states.dtype)
+        mask = mask.masked_fill(~allowed[:, None], float("-inf"))
+
+        time_buckets = None
+        if self.config.use_time_bias:
+            time_buckets = time_gap_buckets(
+                timestamps, query_timestamps, self.config.time_num_buckets, self.config.time_bucket_base
+            )
+
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, mask, time_buckets)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attn += (attn_weights,)
+        hidden_states = self.final_norm(hidden_states)
+        return SeqRecModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn
+        )
+
+
+def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_special: int):
+    """Summed cross-entropy of one chunk of positions over the whole catalog (special ids excluded)."""
+    logits = (hidden @ weight.t()).float()  # (n, V)
+    logits[:, :num_special] = float("-inf")
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def next_item_loss(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    item_weight: torch.Tensor,
+    num_special_tokens: int,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Full-catalog next-item cross-entropy, averaged over the real target positions.
+
+    Labels are aligned with the inputs and shifted here (position t predicts labels[t + 1]). Targets that are
+    -100 or special ids are ignored. Only the real positions are scored, `chunk_size` at a time; chunks are
+    recomputed in the backward pass, so peak memory is O(chunk_size x catalog), never O(positions x catalog).
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets >= num_special_tokens
+    hidden = hidden_states[:, :-1][keep]  # (N, d): padding never reaches the output layer
+    targets = targets[keep]
+    num = targets.numel()
+    if num == 0:
+        return hidden_states.sum() * 0.0
+    if num <= chunk_size:
+        total = _chunk_cross_entropy(hidden, item_weight, targets, num_special_tokens)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, num, chunk_size):
+            end = start + chunk_size
+            total = total + checkpoint(
+                _chunk_cross_entropy,
+                hidden[start:end],
+                item_weight,
+                targets[start:end],
+                num_special_tokens,
+                use_reentrant=False,
+            )
+    return total / num
+
+
+def _as_allowed_mask(allowed_items, vocab_size: int, device: torch.device) -> torch.Tensor:
+    allowed = torch.as_tensor(allowed_items, device=device)
+    if allowed.dtype == torch.bool:
+        if allowed.shape != (vocab_size,):
+            raise ValueError(
+                f"a boolean allowed_items mask must have shape ({vocab_size},), got {tuple(allowed.shape)}"
+            )
+        return allowed
+    allowed = allowed.long().flatten()
+    if allowed.numel() and (allowed.min() < 0 or allowed.max() >= vocab_size):
+        raise ValueError(f"allowed_items must be item ids in [0, {vocab_size})")
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[allowed] = True
+    return mask
+
+
+class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
+    """SeqRec with an output layer that scores every catalog item as the next one (tied to the item embeddings)."""
+
+    _tied_weights_keys = {"item_head.weight": "model.embed_items.weight"}
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__(config)
+        self.model = SeqRecModel(config)
+        self.item_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_items
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_items = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.item_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.item_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        timestamps: torch.LongTensor | None = None,
+        query_timestamps: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> NextItemPredictionOutput:
+        r"""
+        Args:
+            labels: (B, T) next-item targets aligned with `input_ids` (usually `input_ids` with -100 at padding);
+                shifted by one inside, so position t is trained to predict labels[:, t + 1].
+            logits_to_keep: score only the last N positions (`1` for next-item scores). Default: every position
+                without `labels`, none with `labels` (training never materialises [B, T, catalog]).
+        """
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            timestamps=timestamps,
+            query_timestamps=query_timestamps,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden_states = outputs.last_hidden_state
+        loss = None
+        if labels is not None:
+            loss = next_item_loss(
+                hidden_states,
+                labels,
+                self.item_head.weight,
+                self.config.num_special_tokens,
+                self.config.loss_chunk_size,
+            )
+        if logits_to_keep is None:
+            logits_to_keep = 0 if labels is None else -1
+        logits = None
+        if logits_to_keep >= 0:
+            kept = hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
+            logits = self.item_head(kept)
+        return NextItemPredictionOutput(
+            loss=loss,
+            logits=logits,
+            last_hidden_state=hidden_states,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        timestamps: torch.LongTensor | None = None,
+        top_k: int = 10,
+        exclude_history: bool = True,
+        allowed_items=None,
+        query_timestamps: torch.LongTensor | None = None,
+        chunk_size: int | None = None,
+    ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """Top-k next items per user as `(item_ids, scores)`, each (batch, top_k), best first.
+
+        Special tokens are never returned; history items are excluded unless `exclude_history=False`;
+        `allowed_items` (ids, or a boolean mask over the vocabulary) restricts the candidates. The catalog is
+        scored `chunk_size` items at a time (default `config.recommend_chunk_size`) with a running top-k, so
+        memory is O(batch x chunk) however large the catalog. Slots that cannot be filled (fewer candidates
+        than `top_k`) hold id -1 and score -inf.
+        """
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        user_state = self.model(
+            input_ids, attention_mask=attention_mask, timestamps=timestamps, query_timestamps=query_timestamps
+        ).last_hidden_state[:, -1]  # (B, d): left padding puts the latest event last
+        weight = self.item_head.weight
+        vocab_size, device = weight.shape[0], weight.device
+        batch = input_ids.shape[0]
+        first = self.config.num_special_tokens
+        chunk_size = chunk_size or self.config.recommend_chunk_size
+        allowed = None if allowed_items is None else _as_allowed_mask(allowed_items, vocab_size, device)
+        history = input_ids.masked_fill(~attention_mask.bool(), -1)  # padding never matches an item
+
+        best_scores = torch.full((batch, 0), float("-inf"), device=device)
+        best_ids = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+        for start in range(first, vocab_size, chunk_size):
+            end = min(start + chunk_size, vocab_size)
+            scores = (user_state @ weight[start:end].t()).float()  # (B, chunk)
+            if allowed is not None:
+                scores.masked_fill_(~allowed[start:end], float("-inf"))
+            if exclude_history:
+                in_chunk = (history >= start) & (history < end)
+                rows, cols = in_chunk.nonzero(as_tuple=True)
+                scores[rows, history[rows, cols] - start] = float("-inf")
+            k = min(top_k, end - start)
+            chunk_scores, chunk_ids = scores.topk(k, dim=-1)
+            best_scores = torch.cat([best_scores, chunk_scores], dim=1)
+            best_ids = torch.cat([best_ids, chunk_ids + start], dim=1)
+            if best_scores.shape[1] > top_k:
+                best_scores, order = best_scores.topk(top_k, dim=-1)
+                best_ids = best_ids.gather(1, order)
+        if best_scores.shape[1] < top_k:  # catalog smaller than top_k
+            pad = top_k - best_scores.shape[1]
+            best_scores = F.pad(best_scores, (0, pad), value=float("-inf"))
+            best_ids = F.pad(best_ids, (0, pad), value=-1)
+        best_ids = best_ids.masked_fill(torch.isneginf(best_scores), -1)
+        return best_ids, best_scores
+
+
+__all__ = [
+    "NextItemPredictionOutput",
+    "SeqRecForNextItemPrediction",
+    "SeqRecModel",
+    "SeqRecModelOutput",
+    "SeqRecPreTrainedModel",
+    "next_item_loss",
+    "time_gap_buckets",
+]
