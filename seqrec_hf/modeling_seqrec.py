@@ -159,10 +159,10 @@ class SeqRecTimeBias(nn.Module):
 
     def __init__(self, config: SeqRecConfig):
         super().__init__()
-        self.bias = nn.Embedding(config.time_num_buckets, config.num_attention_heads)
+        self.weight = nn.Parameter(torch.zeros(config.time_num_buckets, config.num_attention_heads))
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
-        return self.bias(buckets).permute(0, 3, 1, 2)  # (B, T, T, H) -> (B, H, T, T)
+        return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)  # (B, T, T, H) -> (B, H, T, T)
 
 
 class SeqRecBlock(nn.Module):
@@ -216,7 +216,7 @@ class SeqRecPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, SeqRecTimeBias):
             # Zero bias at init: a time-aware model starts as its time-blind twin and learns what gaps mean.
-            init.zeros_(module.bias.weight)
+            init.zeros_(module.weight)
 
 
 class SeqRecModel(SeqRecPreTrainedModel):
@@ -224,9 +224,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
 
     def __init__(self, config: SeqRecConfig):
         super().__init__(config)
-        self.embed_items = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
-        )
+        self.embed_items = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList([SeqRecBlock(config, i) for i in range(config.num_hidden_layers)])
@@ -251,9 +249,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
         if timestamps is not None and timestamps.shape != input_ids.shape:
-            raise ValueError(
-                f"timestamps shape {tuple(timestamps.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
+            raise ValueError(f"timestamps shape {tuple(timestamps.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if self.config.use_time_bias and timestamps is None:
             raise ValueError("this model uses time (config.use_time_bias=True): pass `timestamps`")
         if torch.compiler.is_compiling():
@@ -321,9 +317,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
             if output_attentions:
                 all_attn += (attn_weights,)
         hidden_states = self.final_norm(hidden_states)
-        return SeqRecModelOutput(
-            last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn
-        )
+        return SeqRecModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
 
 
 def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_special: int):
@@ -336,18 +330,19 @@ def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def next_item_loss(
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
+    attention_mask: torch.Tensor,
     item_weight: torch.Tensor,
     num_special_tokens: int,
     chunk_size: int,
 ) -> torch.Tensor:
     """Full-catalog next-item cross-entropy, averaged over the real target positions.
 
-    Labels are aligned with the inputs and shifted here (position t predicts labels[t + 1]). Targets that are
-    -100 or special ids are ignored. Only the real positions are scored, `chunk_size` at a time; chunks are
+    Labels are aligned with the inputs and shifted here (position t predicts labels[t + 1]). Only real
+    (non-padding) positions predict, and targets that are -100 or special ids are ignored. Only the real positions are scored, `chunk_size` at a time; chunks are
     recomputed in the backward pass, so peak memory is O(chunk_size x catalog), never O(positions x catalog).
     """
     targets = labels[:, 1:]  # (B, T-1)
-    keep = targets >= num_special_tokens
+    keep = (targets >= num_special_tokens) & attention_mask[:, :-1].bool()
     hidden = hidden_states[:, :-1][keep]  # (N, d): padding never reaches the output layer
     targets = targets[keep]
     num = targets.numel()
@@ -439,9 +434,12 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         hidden_states = outputs.last_hidden_state
         loss = None
         if labels is not None:
+            if attention_mask is None:
+                attention_mask = input_ids != self.config.pad_token_id
             loss = next_item_loss(
                 hidden_states,
                 labels,
+                attention_mask,
                 self.item_head.weight,
                 self.config.num_special_tokens,
                 self.config.loss_chunk_size,

@@ -1,0 +1,50 @@
+"""Shared fixtures: small tokenizers and models, and the location of the research datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import seqrec_hf  # noqa: F401  (registers the Auto classes and the pipeline)
+from seqrec_hf import ItemTokenizer, SeqRecConfig, SeqRecForNextItemPrediction
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SEQREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def data_path(relative: str) -> Path:
+    """Path of a research dataset under SEQREC_DATA_DIR; skips the test with the reason when it is absent."""
+    path = DATA_DIR / relative
+    if not path.exists():
+        pytest.skip(f"dataset {relative} not found under SEQREC_DATA_DIR={DATA_DIR} (research data is not shipped)")
+    return path
+
+
+def make_model(vocab_size: int = 40, seed: int = 0, **overrides) -> SeqRecForNextItemPrediction:
+    """A small deterministic model in eval mode (dropout off so outputs are comparable)."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_dropout=0.0,
+    )
+    kwargs.update(overrides)
+    return SeqRecForNextItemPrediction(SeqRecConfig(**kwargs)).eval()
+
+
+@pytest.fixture
+def tokenizer() -> ItemTokenizer:
+    return ItemTokenizer.from_items([f"i{i}" for i in range(38)])  # 40 ids with [PAD] and [UNK]
+
+
+@pytest.fixture
+def model() -> SeqRecForNextItemPrediction:
+    return make_model()

@@ -1,0 +1,246 @@
+"""Model behaviour: causality, padding, attention backends, time bias, loss and recommend()."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+
+from seqrec_hf import SeqRecForNextItemPrediction, SeqRecModel
+from seqrec_hf.modeling_seqrec import time_gap_buckets
+
+
+def random_batch(batch=3, length=10, vocab=40, seed=1, times=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if times:
+        gaps = torch.randint(1, 10**6, (batch, length), generator=g)
+        out["timestamps"] = gaps.cumsum(-1) + 1_600_000_000
+    return out
+
+
+@pytest.mark.parametrize("use_time_bias", [False, True])
+def test_causality(use_time_bias):
+    model = make_model(use_time_bias=use_time_bias)
+    batch = random_batch(times=use_time_bias)
+    t = 4
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][:, t + 1 :] = torch.randint(2, 40, changed["input_ids"][:, t + 1 :].shape)
+    a = model(**batch).logits
+    b = model(**changed).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1])
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])  # the check can fail: later outputs do change
+
+
+@pytest.mark.parametrize("use_time_bias", [False, True])
+def test_left_padding_invariance(use_time_bias):
+    model = make_model(use_time_bias=use_time_bias)
+    batch = random_batch(batch=2, length=6, times=use_time_bias)
+    pad = 5
+    padded = {
+        "input_ids": F.pad(batch["input_ids"], (pad, 0), value=0),
+        "attention_mask": F.pad(batch["attention_mask"], (pad, 0), value=0),
+    }
+    if use_time_bias:
+        padded["timestamps"] = F.pad(batch["timestamps"], (pad, 0), value=123)
+    a = model(**batch).logits
+    b = model(**padded).logits[:, pad:]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ids_a, scores_a = model.recommend(**batch, top_k=5)
+    ids_b, scores_b = model.recommend(**padded, top_k=5)
+    assert torch.equal(ids_a, ids_b)
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_time_bias", [False, True])
+def test_eager_and_sdpa_agree(use_time_bias):
+    batch = random_batch(times=use_time_bias)
+    batch["attention_mask"][0, :3] = 0  # some padding too
+    batch["input_ids"][0, :3] = 0
+    sdpa = make_model(use_time_bias=use_time_bias, attn_implementation="sdpa")
+    eager = make_model(use_time_bias=use_time_bias, attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    if use_time_bias:  # make the bias non-trivial
+        for m in (sdpa, eager):
+            torch.manual_seed(3)
+            for layer in m.model.layers:
+                layer.time_bias.weight.data.normal_()
+    torch.testing.assert_close(sdpa(**batch).logits, eager(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_time_bias_uses_timestamps_and_is_noop_when_off():
+    batch = random_batch(times=True)
+    shifted = dict(batch, timestamps=batch["timestamps"].clone())
+    shifted["timestamps"][:, 5:] += 10**7  # a long gap in the middle of every history
+
+    timed = make_model(use_time_bias=True)
+    for layer in timed.model.layers:
+        layer.time_bias.weight.data.normal_()
+    assert not torch.allclose(timed(**batch).logits, timed(**shifted).logits)
+
+    blind = make_model(use_time_bias=False)
+    without = {k: v for k, v in batch.items() if k != "timestamps"}
+    torch.testing.assert_close(blind(**batch).logits, blind(**without).logits)
+    torch.testing.assert_close(blind(**batch).logits, blind(**shifted).logits)
+
+
+def test_time_bias_starts_as_time_blind_twin():
+    batch = random_batch(times=True)
+    timed = make_model(use_time_bias=True, seed=5)
+    blind = make_model(use_time_bias=False, seed=5)
+    blind.load_state_dict(timed.state_dict(), strict=False)
+    torch.testing.assert_close(timed(**batch).logits, blind(**batch).logits)
+
+
+def test_time_gap_buckets_are_log_spaced():
+    ts = torch.tensor([[0, 1, 3, 1027]])
+    buckets = time_gap_buckets(ts, torch.tensor([1027 + 2**20]), num_buckets=32, base=2.0)
+    # query at position 0 is the time of event 1 (t=1): gaps to keys 0..3 are 1, 0, 2, 1026 -> buckets 0,0,1,10
+    assert buckets[0, 0].tolist() == [0, 0, 1, 10]
+    # last query is the request time: gap to event 0 is 1027 + 2**20 -> floor(log2) = 20
+    assert buckets[0, 3, 0].item() == 20
+    assert buckets.max() < 32
+
+
+def test_timestamps_required_when_time_bias_on():
+    model = make_model(use_time_bias=True)
+    with pytest.raises(ValueError, match="timestamps"):
+        model(**random_batch())
+
+
+def reference_loss(model, batch, labels):
+    """Direct computation: logits everywhere, shift, drop -100/special targets, CE without special columns."""
+    logits = model(**batch).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    keep = (targets >= model.config.num_special_tokens) & batch["attention_mask"][:, :-1].bool()
+    logits = logits[keep]
+    logits[:, : model.config.num_special_tokens] = float("-inf")
+    return F.cross_entropy(logits, targets[keep])
+
+
+@pytest.mark.parametrize("chunk", [4096, 3])
+def test_loss_matches_reference_on_real_positions_only(chunk):
+    model = make_model(loss_chunk_size=chunk)
+    batch = random_batch(batch=3, length=8)
+    batch["input_ids"][1, :4] = 0
+    batch["attention_mask"][1, :4] = 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels)
+    assert out.logits is None  # training does not materialise [B, T, V]
+    expected = reference_loss(model, batch, labels)
+    torch.testing.assert_close(out.loss, expected)
+    # gradients agree with the direct computation too (chunks are recomputed in backward)
+    out.loss.backward()
+    grad = model.model.embed_items.weight.grad.clone()
+    model.zero_grad()
+    reference_loss(model, batch, labels).backward()
+    torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
+
+
+def test_loss_ignores_padding_content():
+    model = make_model()
+    batch = random_batch(batch=2, length=8)
+    batch["attention_mask"][:, :3] = 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][:, :3] = 7  # garbage under the padding mask
+    torch.testing.assert_close(model(**batch, labels=labels).loss, model(**other, labels=labels).loss)
+
+
+def test_output_layer_is_tied(model, tmp_path):
+    assert model.item_head.weight.data_ptr() == model.model.embed_items.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = SeqRecForNextItemPrediction.from_pretrained(tmp_path)
+    assert loaded.item_head.weight.data_ptr() == loaded.model.embed_items.weight.data_ptr()
+
+
+def brute_force_top_k(model, batch, k, exclude_history=True, allowed=None):
+    scores = model(**batch, logits_to_keep=1).logits[:, -1].float()
+    scores[:, : model.config.num_special_tokens] = float("-inf")
+    if exclude_history:
+        for row in range(scores.shape[0]):
+            hist = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+            scores[row, hist] = float("-inf")
+    if allowed is not None:
+        mask = torch.ones(scores.shape[1], dtype=torch.bool)
+        mask[allowed] = False
+        scores[:, mask] = float("-inf")
+    return scores.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_recommend_matches_brute_force(chunk):
+    model = make_model(vocab_size=60)
+    batch = random_batch(batch=4, length=9, vocab=60)
+    batch["attention_mask"][2, :5] = 0
+    batch["input_ids"][2, :5] = 0
+    ids, scores = model.recommend(**batch, top_k=8, chunk_size=chunk)
+    ref_scores, ref_ids = brute_force_top_k(model, batch, 8)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores)
+    for row in range(4):
+        history = set(batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist())
+        assert not history & set(ids[row].tolist())
+        assert (ids[row] >= model.config.num_special_tokens).all()
+
+
+def test_recommend_with_history_and_allowed_items():
+    model = make_model(vocab_size=30)
+    batch = random_batch(batch=2, length=5, vocab=30)
+    ids, _ = model.recommend(**batch, top_k=5, exclude_history=False)
+    ref_scores, ref_ids = brute_force_top_k(model, batch, 5, exclude_history=False)
+    assert torch.equal(ids, ref_ids)
+
+    allowed = [3, 5, 7, 11, 13, 17]
+    ids, scores = model.recommend(**batch, top_k=10, allowed_items=allowed, chunk_size=4)
+    for row in range(2):
+        got = [i for i in ids[row].tolist() if i >= 0]
+        history = set(batch["input_ids"][row].tolist())
+        assert set(got) == set(allowed) - history  # every allowed, non-history item, nothing else
+        assert ids[row].tolist().count(-1) == 10 - len(got)  # unfilled slots are -1 / -inf
+        assert torch.isneginf(scores[row][ids[row] == -1]).all()
+
+
+def test_recommend_never_returns_special_tokens_even_when_they_score_best():
+    model = make_model(vocab_size=20)
+    with torch.no_grad():
+        model.model.embed_items.weight[:2] *= 1000  # make [PAD]/[UNK] dominate every dot product
+    batch = random_batch(batch=2, length=3, vocab=20)
+    ids, _ = model.recommend(**batch, top_k=17)
+    assert (ids[ids >= 0] >= 2).all()
+
+
+def test_clear_errors_on_bad_inputs(model):
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(input_ids=torch.tensor([[2, 3, 99]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=torch.randint(2, 40, (1, 20)))
+    with pytest.raises(ValueError, match="2-D"):
+        model(input_ids=torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="top_k"):
+        model.recommend(torch.tensor([[2, 3]]), top_k=0)
+
+
+def test_bare_model_hidden_states(model):
+    bare = SeqRecModel(model.config).eval()
+    out = bare(**random_batch(), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (3, 10, 32)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
+def test_training_step_reduces_loss():
+    model = make_model(vocab_size=12)
+    model.train()
+    batch = {"input_ids": torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9, 10, 11]] * 4)}
+    labels = batch["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = model(**batch, labels=labels).loss
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first / 4
