@@ -338,12 +338,13 @@ def next_item_loss(
     """Full-catalog next-item cross-entropy, averaged over the real target positions.
 
     Labels are aligned with the inputs and shifted here (position t predicts labels[t + 1]). Only real
-    (non-padding) positions predict, and targets that are -100 or special ids are ignored. Only the real positions are scored, `chunk_size` at a time; chunks are
+    (non-padding) positions predict, and targets that are -100 or special ids are ignored. Those positions
+    are gathered first (padding never reaches the output layer) and scored `chunk_size` at a time; chunks are
     recomputed in the backward pass, so peak memory is O(chunk_size x catalog), never O(positions x catalog).
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = (targets >= num_special_tokens) & attention_mask[:, :-1].bool()
-    hidden = hidden_states[:, :-1][keep]  # (N, d): padding never reaches the output layer
+    hidden = hidden_states[:, :-1][keep]  # (N, d)
     targets = targets[keep]
     num = targets.numel()
     if num == 0:
