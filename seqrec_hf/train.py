@@ -1,0 +1,560 @@
+"""Training from scratch with Accelerate: one implementation behind `python training/train.py`,
+`accelerate launch training/train.py` and `seqrec-hf train`.
+
+The same file runs on one CPU, on 2 gloo processes, or on many GPUs (DDP/FSDP/DeepSpeed are Accelerate
+configuration, not code). It reads as the recipe: data -> tokenizer -> model -> optimizer -> prepare ->
+loop (accumulate, clip, step) -> periodic full-ranking validation -> early stopping -> test of the best model.
+
+Nothing is lost: checkpoints are `accelerator.save_state` folders written to a temporary name and renamed
+when complete; `--resume` restarts from the latest complete one with the same data order and RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+from .configuration_seqrec import SeqRecConfig
+from .data import SeqRecCollator, leave_one_out_split, load_sequences, sliding_windows, temporal_split
+from .evaluation import evaluate, format_metrics_table, model_score_fn
+from .modeling_seqrec import SeqRecForNextItemPrediction
+from .tokenization_seqrec import ItemTokenizer
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class TrainingRecipe:
+    """Everything a training run needs; read from a YAML recipe plus `key=value` overrides."""
+
+    # data
+    data_path: str = field(default=SYNTHETIC, metadata={"help": "Interaction file/folder, or 'synthetic'."})
+    data_format: str = field(default="auto", metadata={"help": "Reader format (see seqrec_hf.data.FORMATS)."})
+    user_col: str | None = field(default=None, metadata={"help": "User column of csv/tsv/parquet/jsonl files."})
+    item_col: str | None = field(default=None, metadata={"help": "Item column of csv/tsv/parquet/jsonl files."})
+    time_col: str | None = field(default=None, metadata={"help": "Timestamp column of tabular files."})
+    min_rating: float | None = field(default=None, metadata={"help": "Keep events rated at least this."})
+    k_core: int | None = field(default=None, metadata={"help": "Iterative k-core filter."})
+    drop_last_user: bool = field(default=False, metadata={"help": "Drop the (truncated) last user of the file."})
+    max_users: int | None = field(default=None, metadata={"help": "Keep only the first N users."})
+    split: str = field(default="leave_one_out", metadata={"help": "'leave_one_out' or 'temporal'."})
+    temporal_cutoff: str | None = field(default=None, metadata={"help": "Test cutoff of the temporal split."})
+    temporal_validation_cutoff: str | None = field(default=None, metadata={"help": "Validation cutoff."})
+    synthetic_num_users: int = field(default=2000, metadata={"help": "Users of the synthetic data."})
+    synthetic_num_items: int = field(default=1000, metadata={"help": "Items of the synthetic data."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
+    # model
+    max_length: int = field(default=50, metadata={"help": "History length the model reads."})
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 256
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.2
+    attention_dropout: float = 0.2
+    use_time_bias: bool = False
+    time_num_buckets: int = 32
+    loss_chunk_size: int = 4096
+    attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa' or 'eager'."})
+    # optimisation
+    batch_size: int = field(default=128, metadata={"help": "Sequences per step and process."})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.98
+    warmup_steps: int = 100
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "transformers scheduler name."})
+    max_grad_norm: float = 1.0
+    num_epochs: int = 50
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' (CPU/GPU) or 'fp16' (GPU)."})
+    seed: int = 42
+    sliding_window_stride: int | None = field(default=None, metadata={"help": "Cut long histories (None: off)."})
+    # evaluation and checkpoints
+    eval_every_steps: int = field(default=0, metadata={"help": "Validate every N steps (0: every epoch)."})
+    eval_batch_size: int = 256
+    early_stopping_patience: int = field(default=5, metadata={"help": "Validations without improvement."})
+    save_every_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at validation)."})
+    keep_checkpoints: int = 2
+    logging_steps: int = 20
+    output_dir: str = "outputs/run"
+
+    def __post_init__(self):
+        if self.split not in ("leave_one_out", "temporal"):
+            raise ValueError(f"split must be 'leave_one_out' or 'temporal', got {self.split!r}")
+        if self.split == "temporal" and not self.temporal_cutoff:
+            raise ValueError("split='temporal' needs temporal_cutoff")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError("max_length must be >= 2")
+
+    def model_config(self, vocab_size: int) -> SeqRecConfig:
+        return SeqRecConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            hidden_dropout_prob=self.hidden_dropout_prob,
+            attention_dropout=self.attention_dropout,
+            max_position_embeddings=self.max_length,
+            use_time_bias=self.use_time_bias,
+            time_num_buckets=self.time_num_buckets,
+            loss_chunk_size=self.loss_chunk_size,
+            attn_implementation=self.attn_implementation,
+        )
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> dict, values read as YAML scalars (`lr=3e-4`, `use_time_bias=true`)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainingRecipe:
+    """Read a YAML recipe and apply overrides; unknown keys are an error naming the key and the file."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a recipe must be a YAML mapping of field: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(TrainingRecipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path or 'overrides'}: unknown recipe field(s) {unknown}; known fields: {sorted(known)}")
+    types = typing.get_type_hints(TrainingRecipe)
+    values = {key: _coerce(key, value, types[key], path) for key, value in values.items()}
+    (recipe,) = HfArgumentParser(TrainingRecipe).parse_dict(values, allow_extra_keys=False)
+    return recipe
+
+
+def _coerce(name: str, value: Any, annotation: Any, source: Any) -> Any:
+    """YAML reads `3e-4` as a string and users write `true`/`1`: convert to the field's type or say which field."""
+    options = typing.get_args(annotation) or (annotation,)
+    optional = type(None) in options
+    base = next(option for option in options if option is not type(None))
+    kind = base.__name__ + (" or None" if optional else "")
+    if value is None:
+        if not optional:
+            raise ValueError(f"{source or 'overrides'}: recipe field {name!r} cannot be empty")
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source or 'overrides'}: recipe field {name!r} expects {kind}, got {value!r}") from None
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: one function shared by training, fine-tuning, the CLI and the benchmarks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_recipe_sequences(recipe: TrainingRecipe) -> datasets.Dataset:
+    """The recipe's interactions as one row per user."""
+    if recipe.data_path == SYNTHETIC:
+        from .synthetic import generate_synthetic_interactions
+
+        return generate_synthetic_interactions(
+            num_users=recipe.synthetic_num_users, num_items=recipe.synthetic_num_items, seed=recipe.synthetic_seed
+        )
+    return load_sequences(
+        recipe.data_path,
+        recipe.data_format,
+        user_col=recipe.user_col,
+        item_col=recipe.item_col,
+        time_col=recipe.time_col,
+        min_rating=recipe.min_rating,
+        k_core=recipe.k_core,
+        drop_last_user=recipe.drop_last_user,
+        max_users=recipe.max_users,
+    )
+
+
+def prepare_data(recipe: TrainingRecipe, tokenizer: ItemTokenizer | None = None):
+    """Load, split and tokenize: returns (splits, tokenizer, train_rows).
+
+    The catalog is every item of the data set (full-ranking protocol). Training rows are the train split,
+    cut into windows when `sliding_window_stride` is set.
+    """
+    sequences = load_recipe_sequences(recipe)
+    if recipe.split == "temporal":
+        splits = temporal_split(sequences, recipe.temporal_cutoff, recipe.temporal_validation_cutoff)
+    else:
+        splits = leave_one_out_split(sequences)
+    if tokenizer is None:
+        tokenizer = ItemTokenizer.from_items(item for history in sequences["item_ids"] for item in history)
+        tokenizer.model_max_length = recipe.max_length
+    train_rows = splits["train"].filter(lambda row: len(row["item_ids"]) >= 2, desc="rows with a target")
+    if recipe.sliding_window_stride:
+        train_rows = sliding_windows(train_rows, recipe.max_length, recipe.sliding_window_stride)
+    train_rows = train_rows.remove_columns([c for c in train_rows.column_names if c not in ("item_ids", "timestamps")])
+    if not recipe.use_time_bias and "timestamps" in train_rows.column_names:
+        train_rows = train_rows.remove_columns("timestamps")
+    return splits, tokenizer, train_rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.json"
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (`checkpoints/step-N` with its state file), or None."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+    return max(complete, key=lambda p: int(p.name[5:]), default=None)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """`save_state` into a temporary folder, then rename: a crash mid-write never leaves a half checkpoint."""
+    folder = output_dir / "checkpoints"
+    final = folder / f"step-{state['global_step']}"
+    tmp = folder / f"tmp-step-{state['global_step']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted((p for p in folder.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_pretrained_atomic(model, tokenizer, path: Path) -> None:
+    """save_pretrained into a temporary folder, then swap it in."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(accelerator, model, rows, tokenizer, recipe, desc: str) -> dict[str, float]:
+    """Full-ranking metrics on the main process (others wait); bf16 autocast when training used it."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            metrics = evaluate(
+                model_score_fn(accelerator.unwrap_model(model)),
+                rows,
+                tokenizer,
+                batch_size=recipe.eval_batch_size,
+                max_length=recipe.max_length,
+                show_progress=accelerator.is_local_main_process,
+            )
+        logger.info("%s: NDCG@10 %.4f HR@10 %.4f", desc, metrics["NDCG@10"], metrics["HR@10"])
+    accelerator.wait_for_everyone()
+    model.train()
+    return metrics
+
+
+def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
+    """Train a model from scratch as the recipe says; returns the metrics written to metrics.json."""
+    output_dir = Path(recipe.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=recipe.mixed_precision,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(recipe.seed)
+    is_main = accelerator.is_main_process
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    splits, tokenizer, train_rows = prepare_data(recipe)
+    collator = SeqRecCollator(tokenizer, max_length=recipe.max_length)
+    # A dedicated generator: creating a DataLoader iterator (at each epoch, or on resume) must not draw from
+    # the global RNG, or dropout masks after a resume would differ from those of an uninterrupted run.
+    loader = torch.utils.data.DataLoader(
+        train_rows,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(recipe.seed),
+    )
+    model = SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer)))
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() < 2 or "norm" in name or "embed_positions" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.learning_rate,
+        betas=(0.9, recipe.adam_beta2),
+    )
+    steps_per_epoch = math.ceil(len(loader) / (recipe.gradient_accumulation_steps * accelerator.num_processes))
+    total_steps = recipe.max_steps if recipe.max_steps > 0 else steps_per_epoch * recipe.num_epochs
+    scheduler = get_scheduler(
+        recipe.lr_scheduler,
+        optimizer,
+        num_warmup_steps=recipe.warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    state = {"global_step": 0, "epoch": 0, "best_ndcg": -1.0, "best_step": 0, "bad_evals": 0, "tokens": 0}
+    state["train_seconds"] = 0.0
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None and is_main:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
+        if is_main:
+            logger.info("resumed from %s (step %d)", checkpoint, state["global_step"])
+
+    eval_every = recipe.eval_every_steps or steps_per_epoch
+    save_every = recipe.save_every_steps or eval_every
+    log_path = output_dir / "train_log.jsonl"
+    best_dir = output_dir / "best_model"
+    progress = tqdm(
+        total=total_steps, initial=state["global_step"], desc="training", disable=not accelerator.is_local_main_process
+    )
+    model.train()
+    stop = state["global_step"] >= total_steps or state["bad_evals"] >= recipe.early_stopping_patience
+    window = {"loss": 0.0, "batches": 0, "tokens": 0, "seconds": 0.0}
+    while not stop:
+        epoch = state["epoch"]
+        loader.set_epoch(epoch)
+        done_in_epoch = state["global_step"] - epoch * steps_per_epoch
+        batches = loader
+        if done_in_epoch > 0:
+            batches = accelerator.skip_first_batches(loader, done_in_epoch * recipe.gradient_accumulation_steps)
+        step_start = time.perf_counter()
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and recipe.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            # real target positions (labels shifted by one, padding and [UNK] excluded), all processes
+            targets = ((batch["labels"][:, 1:] >= 0) & batch["attention_mask"][:, :-1].bool()).sum()
+            window["tokens"] += int(accelerator.reduce(targets, reduction="sum"))
+            window["loss"] += accelerator.reduce(loss.detach(), reduction="mean").item()
+            window["batches"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["global_step"] += 1
+            step = state["global_step"]
+            now = time.perf_counter()
+            window["seconds"] += now - step_start  # training time only: validation and checkpoints excluded
+            step_start = now
+            progress.update(1)
+            if step % recipe.logging_steps == 0 or step == total_steps:
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": window["loss"] / max(1, window["batches"]),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
+                }
+                state["tokens"] += window["tokens"]
+                state["train_seconds"] += window["seconds"]
+                window = {"loss": 0.0, "batches": 0, "tokens": 0, "seconds": 0.0}
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                if is_main:
+                    with open(log_path, "a", encoding="utf-8") as log:
+                        log.write(json.dumps(record) + "\n")
+            if step % eval_every == 0 or step == total_steps:
+                metrics = run_evaluation(accelerator, model, splits["validation"], tokenizer, recipe, "validation")
+                if is_main:
+                    improved = metrics["NDCG@10"] > state["best_ndcg"]
+                    if improved:
+                        state.update(best_ndcg=metrics["NDCG@10"], best_step=step, bad_evals=0)
+                        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, best_dir)
+                    else:
+                        state["bad_evals"] += 1
+                    with open(log_path, "a", encoding="utf-8") as log:
+                        log.write(json.dumps({"step": step, "epoch": epoch, "validation": metrics}) + "\n")
+                state = broadcast_state(accelerator, state)
+                step_start = time.perf_counter()
+            if step % save_every == 0 or step == total_steps:
+                if step % steps_per_epoch == 0:
+                    state["epoch"] = epoch + 1
+                save_checkpoint(accelerator, output_dir, state, recipe.keep_checkpoints)
+                step_start = time.perf_counter()
+            if step >= total_steps or state["bad_evals"] >= recipe.early_stopping_patience:
+                stop = True
+                break
+        else:
+            state["epoch"] = epoch + 1
+    progress.close()
+    return finish(accelerator, recipe, tokenizer, splits, state)
+
+
+def broadcast_state(accelerator: Accelerator, state: dict[str, Any]) -> dict[str, Any]:
+    """Early-stopping decisions are made on the main process; every process must follow them."""
+    if accelerator.num_processes == 1:
+        return state
+    from accelerate.utils import broadcast_object_list
+
+    holder = [state]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]
+
+
+def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
+    """Test the best model, write it with its tokenizer, metrics.json and a model card to output_dir."""
+    output_dir = Path(recipe.output_dir)
+    result: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        best_dir = output_dir / "best_model"
+        if not best_dir.is_dir():
+            raise RuntimeError(f"no validated model in {best_dir}: training ran no validation")
+        best = SeqRecForNextItemPrediction.from_pretrained(best_dir).to(accelerator.device)
+        with accelerator.autocast():
+            test = evaluate(
+                model_score_fn(best),
+                splits["test"],
+                tokenizer,
+                batch_size=recipe.eval_batch_size,
+                max_length=recipe.max_length,
+            )
+        validation = _best_validation(output_dir / "train_log.jsonl", state["best_step"])
+        seconds = state["train_seconds"]
+        result = {
+            "validation": validation,
+            "test": test,
+            "best_step": state["best_step"],
+            "global_step": state["global_step"],
+            "train_seconds": seconds,
+            "tokens_per_second": state["tokens"] / seconds if seconds > 0 else None,
+            "num_parameters": sum(p.numel() for p in best.parameters()),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": recipe.mixed_precision,
+            "recipe": dataclasses.asdict(recipe),
+        }
+        save_pretrained_atomic(best, tokenizer, output_dir / "model.tmpdir")
+        for name in os.listdir(output_dir / "model.tmpdir"):
+            os.replace(output_dir / "model.tmpdir" / name, output_dir / name)
+        shutil.rmtree(output_dir / "model.tmpdir")
+        _write_json_atomic(output_dir / "metrics.json", result)
+        from .modelcard import write_model_card
+
+        write_model_card(output_dir, result)
+        print(format_metrics_table({k: v for k, v in test.items() if not k.startswith("num_")}, "test metrics"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _best_validation(log_path: Path, best_step: int) -> dict[str, float]:
+    found: dict[str, float] = {}
+    with open(log_path, encoding="utf-8") as log:
+        for line in log:
+            record = json.loads(line)
+            if record.get("step") == best_step and "validation" in record:
+                found = record["validation"]
+    return found
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def build_arg_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="seqrec-hf train",
+        description="Train a SeqRec model from scratch (Accelerate: 1 CPU to many GPUs).",
+        epilog="Example: seqrec-hf train --config training/configs/demo.yaml --output-dir outputs/demo max_steps=200",
+    )
+    parser.add_argument("--config", help="YAML recipe (see training/configs/)")
+    parser.add_argument("--output-dir", help="where checkpoints, the best model and metrics go")
+    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides as key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    overrides = parse_overrides(args.overrides)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-file checkpoint chatter
+    recipe = load_recipe(args.config, overrides)
+    train(recipe, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
