@@ -84,7 +84,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     resumed = run_train(["--output-dir", str(tmp_path / "cut"), "--resume", *args])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
-    assert f"resumed from" in out
+    assert "resumed from" in out
     a = load_file(tmp_path / "full" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys()
