@@ -1,0 +1,189 @@
+"""`seqrec-hf` command line: one subcommand per task, all built on the library's own functions.
+
+Adding a subcommand: write `add_<name>_parser(subparsers)` that creates the subparser, declares its
+arguments and sets `func=<function taking the parsed args and returning an exit code>`, then append it to
+`SUBCOMMANDS`. Commands import heavy modules inside their function so `seqrec-hf --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .data import FORMATS
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger("seqrec_hf.cli")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `seqrec_hf.data.load_sequences`, shared by every subcommand that reads interactions."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, help="interaction file (optionally .gz) or MovieLens folder")
+    group.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: guess)")
+    group.add_argument("--user-col", help="user id column (csv/tsv/parquet/jsonl)")
+    group.add_argument("--item-col", help="item id column (csv/tsv/parquet/jsonl)")
+    group.add_argument("--time-col", help="timestamp column (csv/tsv/parquet/jsonl)")
+    group.add_argument("--rating-col", help="rating column (csv/tsv/parquet/jsonl)")
+    group.add_argument("--min-rating", type=float, help="keep only events rated at least this")
+    group.add_argument("--k-core", type=int, help="iteratively keep users and items with >= k events")
+    group.add_argument(
+        "--drop-consecutive-repeats", action="store_true", help="collapse runs of the same item in a history"
+    )
+    group.add_argument(
+        "--drop-last-user",
+        action="store_true",
+        help="drop the user of the file's last line (files truncated mid-user, e.g. ml-1m-partial)",
+    )
+    group.add_argument("--max-users", type=int, help="keep only the first N users (quick runs)")
+
+
+def load_data_from_args(args: argparse.Namespace) -> datasets.Dataset:
+    """`load_sequences` called with the options declared by `add_data_arguments`."""
+    from .data import load_sequences
+
+    return load_sequences(
+        args.data,
+        format=args.format,
+        user_col=args.user_col,
+        item_col=args.item_col,
+        time_col=args.time_col,
+        rating_col=args.rating_col,
+        min_rating=args.min_rating,
+        k_core=args.k_core,
+        drop_consecutive_repeats=args.drop_consecutive_repeats,
+        drop_last_user=args.drop_last_user,
+        max_users=args.max_users,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------------
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`seqrec-hf evaluate`: a model or a baseline on a leave-one-out split of a data file."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="full-ranking HR/NDCG/MRR of a model or a baseline on a leave-one-out split",
+        description="Leave-one-out split, full ranking over the catalog, history excluded, pessimistic ties "
+        "(docs/data_and_evaluation.md).",
+    )
+    scorer = parser.add_mutually_exclusive_group(required=True)
+    scorer.add_argument("--model", help="folder of a saved SeqRec model and its tokenizer")
+    scorer.add_argument("--baseline", choices=("popularity", "markov"), help="evaluate a baseline instead")
+    add_data_arguments(parser)
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--max-length", type=int, help="history length read by the model (default: its max)")
+    parser.add_argument("--batch-size", type=int, default=256, help="users scored at once")
+    parser.add_argument("--device", help="torch device for --model (default: cuda if available, else cpu)")
+    parser.add_argument("--json", dest="json_path", help="write the metrics to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_evaluate)
+
+
+def _load_model(path: str, device: str | None):
+    """Tokenizer and model saved by `save_pretrained` (imported lazily: heavy, and optional for baselines)."""
+    import torch
+
+    from .modeling_seqrec import SeqRecForNextItemPrediction
+    from .tokenization_seqrec import ItemTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = ItemTokenizer.from_pretrained(path)
+    model = SeqRecForNextItemPrediction.from_pretrained(path).to(device)
+    return tokenizer, model
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Load, split, score every user against the full catalog, print the table (and write JSON)."""
+    from .data import build_item_vocab, leave_one_out_split
+    from .evaluation import evaluate, format_metrics_table, model_score_fn
+
+    sequences = load_data_from_args(args)
+    examples = leave_one_out_split(sequences)[args.split]
+    max_length = args.max_length
+    if args.baseline:
+        from .baselines import fit_baseline
+
+        # The catalog is every item of the data set, targets included: baselines rank all of them.
+        tokenizer = build_item_vocab(sequences["item_ids"])
+        score_fn = fit_baseline(args.baseline, tokenizer, examples["item_ids"])
+    else:
+        tokenizer, model = _load_model(args.model, args.device)
+        score_fn = model_score_fn(model)
+        if max_length is None:
+            max_length = model.config.max_position_embeddings
+    metrics = evaluate(
+        score_fn,
+        examples,
+        tokenizer,
+        batch_size=args.batch_size,
+        max_length=max_length,
+        show_progress=not args.no_progress,
+    )
+    scorer = f"baseline {args.baseline}" if args.baseline else f"model {args.model}"
+    print(format_metrics_table(metrics, title=f"{scorer} on {args.data} ({args.split} split)"))
+    if args.json_path:
+        record = dict(metrics)
+        record.update(
+            {
+                "scorer": args.baseline or "model",
+                "model": args.model,
+                "data": str(args.data),
+                "format": args.format,
+                "split": args.split,
+                "max_length": max_length,
+            }
+        )
+        out = Path(args.json_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_evaluate_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `seqrec-hf` parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="seqrec-hf", description="Sequential recommendation, Hugging Face style.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `seqrec-hf`; returns the exit code.
+
+    Bad input (`DataFormatError`, a missing file, an invalid option value) prints a one-line error and
+    returns 2; `--verbose` shows the traceback instead.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # DataFormatError is a ValueError
+        if args.verbose:
+            raise
+        print(f"seqrec-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
