@@ -151,10 +151,114 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# train / finetune: the argument parsers live with their implementations (one implementation each)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _delegate(module: str, help_text: str, name: str):
+    """A subcommand that hands its raw arguments to `seqrec_hf.<module>.main` (also run as a script)."""
+
+    def add_parser(subparsers: argparse._SubParsersAction) -> None:
+        parser = subparsers.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=lambda args: _run_module(module, args.rest))
+
+    return add_parser
+
+
+def _run_module(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(f"seqrec_hf.{module}").main(argv)
+
+
+# --------------------------------------------------------------------------------------------------------
+# recommend
+# --------------------------------------------------------------------------------------------------------
+
+
+def add_recommend_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("recommend", help="top-k next items for one history, as raw item ids")
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
+    parser.add_argument("--history", required=True, help="whitespace-separated raw item ids, oldest first")
+    parser.add_argument("--timestamps", help="whitespace-separated unix seconds, one per history item")
+    parser.add_argument("--query-timestamp", type=int, help="time of the request (default: the last event's)")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--include-history", action="store_true", help="allow items of the history")
+    parser.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run_recommend)
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from transformers import pipeline
+
+    from . import NextItemRecommendationPipeline  # noqa: F401  (registers the task)
+
+    request: dict = {"items": args.history.split()}
+    if args.timestamps:
+        try:
+            request["timestamps"] = [int(t) for t in args.timestamps.split()]
+        except ValueError:
+            raise ValueError(f"--timestamps must be integers (unix seconds), got {args.timestamps!r}") from None
+    if args.query_timestamp is not None:
+        request["query_timestamp"] = args.query_timestamp
+    rec = pipeline("next-item-recommendation", model=args.model)
+    results = rec(request, top_k=args.top_k, exclude_history=not args.include_history)
+    if args.as_json:
+        print(json.dumps(results))
+    else:
+        for rank, row in enumerate(results, 1):
+            print(f"{rank:>3}  {row['item']}  {row['score']:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# demo and card
+# --------------------------------------------------------------------------------------------------------
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="train and compare models on built-in synthetic data")
+    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink users, items and epochs (< 1: faster)")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as demo
+
+    demo(args.output_dir, args.scale)
+    return 0
+
+
+def add_card_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("card", help="(re)write the model card README.md of a checkpoint folder")
+    parser.add_argument("folder", help="checkpoint folder with metrics.json")
+    parser.add_argument("--model-name", help="title of the card (default: the folder name)")
+    parser.add_argument("--repo-id", help="Hub repo id used in the how-to-use snippet")
+    parser.set_defaults(func=run_card)
+
+
+def run_card(args: argparse.Namespace) -> int:
+    from .modelcard import write_model_card
+
+    kwargs = {k: v for k, v in (("model_name", args.model_name), ("repo_id", args.repo_id)) if v}
+    print(write_model_card(args.folder, **kwargs))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_evaluate_parser]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _delegate("train", "train from scratch with Accelerate (see training/configs)", "train"),
+    _delegate("finetune", "fine-tune a checkpoint on new data with the HF Trainer", "finetune"),
+    add_evaluate_parser,
+    add_recommend_parser,
+    add_demo_parser,
+    add_card_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
