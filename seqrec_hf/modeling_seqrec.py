@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
@@ -212,6 +213,43 @@ class SeqRecPreTrainedModel(PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but strict: a weight file that cannot be read, or whose keys do
+        not match the architecture, is an error. transformers would only warn and leave random weights,
+        which means silently wrong recommendations."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as err:
+            raise OSError(
+                f"{pretrained_model_name_or_path}: model.safetensors cannot be read ({err}); the file is truncated "
+                "or corrupted: save or download the checkpoint again"
+            ) from None
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err) or kwargs.get("ignore_mismatched_sizes"):
+                raise
+            # Load once more only to name the offending tensors (transformers logs them, then raises).
+            kwargs["ignore_mismatched_sizes"] = True
+            _, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = []
+        for kind in ("missing", "unexpected"):
+            keys = sorted(info.get(f"{kind}_keys") or [])
+            if keys:
+                problems.append(f"{len(keys)} {kind} key(s): {', '.join(keys[:8])}")
+        mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+        if mismatched:
+            problems.append(f"{len(mismatched)} key(s) with a shape that does not fit the config: {mismatched[:8]}")
+        if problems:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the weights do not match {cls.__name__} with this config ("
+                + "; ".join(problems)
+                + ")"
+            )
+        return (model, info) if want_info else model
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, SeqRecTimeBias):
@@ -401,6 +439,15 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.item_head
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise `ValueError` if the tokenizer's vocabulary is not the one this model scores (wrong pairing)."""
+        if len(tokenizer) != self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} ids but the model's config.vocab_size is "
+                f"{self.config.vocab_size}: they do not belong together (after add_items, call "
+                "model.resize_token_embeddings(len(tokenizer)))"
+            )
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.item_head = value

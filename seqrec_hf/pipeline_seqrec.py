@@ -25,6 +25,10 @@ class NextItemRecommendationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = True
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.model.check_tokenizer(self.tokenizer)
+
     def _sanitize_parameters(
         self,
         top_k: int | None = None,

@@ -363,12 +363,15 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
 
     state = {"global_step": 0, "epoch": 0, "best_ndcg": -1.0, "best_step": 0, "bad_evals": 0, "tokens": 0}
     state["train_seconds"] = 0.0
+    state["learning_rate"] = recipe.learning_rate
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None and is_main:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state.update(json.loads((checkpoint / STATE_FILE).read_text()))
+        _apply_new_learning_rate(optimizer, scheduler, state.get("learning_rate"), recipe.learning_rate)
+        state["learning_rate"] = recipe.learning_rate
         if is_main:
             logger.info("resumed from %s (step %d)", checkpoint, state["global_step"])
 
@@ -393,6 +396,9 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # same on every process
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLossError(_non_finite_message(mean_loss, state, output_dir, recipe))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
@@ -402,7 +408,7 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
             # real target positions (labels shifted by one, padding and [UNK] excluded), all processes
             targets = ((batch["labels"][:, 1:] >= 0) & batch["attention_mask"][:, :-1].bool()).sum()
             window["tokens"] += int(accelerator.reduce(targets, reduction="sum"))
-            window["loss"] += accelerator.reduce(loss.detach(), reduction="mean").item()
+            window["loss"] += mean_loss
             window["batches"] += 1
             if not accelerator.sync_gradients:
                 continue
@@ -454,6 +460,35 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     return finish(accelerator, recipe, tokenizer, splits, state)
 
 
+def _apply_new_learning_rate(optimizer, scheduler, saved: float | None, wanted: float) -> None:
+    """`--resume learning_rate=...` after a divergence: rescale the restored optimizer and schedule."""
+    if saved is None or saved == wanted:
+        return
+    factor = wanted / saved
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [lr * factor for lr in inner.base_lrs]
+    logger.info("learning rate changed on resume: %g -> %g", saved, wanted)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN/inf loss). Nothing after the last good checkpoint is written."""
+
+
+def _non_finite_message(value: float, state: dict[str, Any], output_dir: Path, recipe: TrainingRecipe) -> str:
+    checkpoint = latest_checkpoint(output_dir)
+    where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+    lower = recipe.learning_rate / 10
+    return (
+        f"loss is {value} at step {state['global_step'] + 1} (epoch {state['epoch']}): training stopped; {where}. "
+        f"Resume with a lower learning rate, e.g.: seqrec-hf train --config <recipe> --output-dir {output_dir} "
+        f"--resume learning_rate={lower:g} (or lower max_grad_norm / enable warm-up)"
+    )
+
+
 def broadcast_state(accelerator: Accelerator, state: dict[str, Any]) -> dict[str, Any]:
     """Early-stopping decisions are made on the main process; every process must follow them."""
     if accelerator.num_processes == 1:
@@ -500,6 +535,10 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
         for name in os.listdir(output_dir / "model.tmpdir"):
             os.replace(output_dir / "model.tmpdir" / name, output_dir / name)
         shutil.rmtree(output_dir / "model.tmpdir")
+        from .plotting import plot_training_curve
+
+        plot = plot_training_curve(output_dir / "train_log.jsonl")  # None without matplotlib (optional extra)
+        result["plot"] = plot.name if plot is not None else None  # the card shows it
         _write_json_atomic(output_dir / "metrics.json", result)
         from .modelcard import write_model_card
 
@@ -552,7 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-file checkpoint chatter
     recipe = load_recipe(args.config, overrides)
-    train(recipe, resume=args.resume)
+    try:
+        train(recipe, resume=args.resume)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
