@@ -107,9 +107,7 @@ class SeqRecConfig(PreTrainedConfig):
         if not isinstance(self.time_bucket_base, (int, float)) or self.time_bucket_base <= 1.0:
             raise ValueError(f"SeqRecConfig.time_bucket_base must be > 1, got {self.time_bucket_base!r}")
         if self.hidden_act not in ("gelu", "relu", "silu"):
-            raise ValueError(
-                f"SeqRecConfig.hidden_act must be 'gelu', 'relu' or 'silu', got {self.hidden_act!r}"
-            )
+            raise ValueError(f"SeqRecConfig.hidden_act must be 'gelu', 'relu' or 'silu', got {self.hidden_act!r}")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:
