@@ -9,7 +9,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-_LOSS_TYPES = ("full_ce",)
+_LOSS_TYPES = ("full_ce", "sampled_softmax", "gbce")
 
 
 @strict
@@ -38,7 +38,12 @@ class SeqRecConfig(PreTrainedConfig):
             Needs `timestamps` at call time.
         time_num_buckets: Number of log-spaced time-gap buckets (gaps beyond the last bucket are clipped).
         time_bucket_base: Base of the logarithm that defines the buckets (gap in seconds).
-        loss_type: Training loss. `"full_ce"`: cross-entropy over the whole catalog.
+        loss_type: Training loss. `"full_ce"`: cross-entropy over the whole catalog (best quality when the
+            catalog fits). `"sampled_softmax"`: softmax over sampled candidates with logQ correction, for huge
+            catalogs. `"gbce"`: gSASRec's calibrated binary cross-entropy with uniform negatives.
+        num_negatives: Uniform negatives per batch for `sampled_softmax` and `gbce` (shared by all positions).
+        in_batch_negatives: `sampled_softmax` also uses the batch's other targets as negatives (mixed negatives).
+        gbce_t: gBCE calibration parameter t in [0, 1] (1 = fully calibrated to the full softmax).
         loss_chunk_size: Positions scored at once when computing the loss; bounds the [positions x catalog]
             logits memory, the backward pass recomputes each chunk.
         recommend_chunk_size: Catalog items scored at once in `recommend()`; bounds serving memory.
@@ -65,6 +70,9 @@ class SeqRecConfig(PreTrainedConfig):
     time_num_buckets: int = 32
     time_bucket_base: float = 2.0
     loss_type: str = "full_ce"
+    num_negatives: int = 256
+    in_batch_negatives: bool = True
+    gbce_t: float = 0.75
     loss_chunk_size: int = 4096
     recommend_chunk_size: int = 65536
 
@@ -108,6 +116,14 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.time_bucket_base must be > 1, got {self.time_bucket_base!r}")
         if self.hidden_act not in ("gelu", "relu", "silu"):
             raise ValueError(f"SeqRecConfig.hidden_act must be 'gelu', 'relu' or 'silu', got {self.hidden_act!r}")
+        if isinstance(self.num_negatives, bool) or not isinstance(self.num_negatives, int) or self.num_negatives < 0:
+            raise ValueError(f"SeqRecConfig.num_negatives must be a non-negative integer, got {self.num_negatives!r}")
+        if self.loss_type == "gbce" and self.num_negatives < 1:
+            raise ValueError("SeqRecConfig.num_negatives must be >= 1 for loss_type='gbce'")
+        if self.loss_type == "sampled_softmax" and self.num_negatives == 0 and not self.in_batch_negatives:
+            raise ValueError("SeqRecConfig.num_negatives: sampled_softmax needs negatives (or in_batch_negatives)")
+        if not isinstance(self.gbce_t, (int, float)) or not 0.0 <= self.gbce_t <= 1.0:
+            raise ValueError(f"SeqRecConfig.gbce_t must be in [0, 1], got {self.gbce_t!r}")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:

@@ -365,6 +365,65 @@ def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _chunk_sampled_softmax(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_log_q: torch.Tensor,
+) -> torch.Tensor:
+    """Summed softmax cross-entropy of each target against shared sampled candidates (logQ-corrected)."""
+    positive = (hidden * weight[targets]).sum(-1).float()  # (n,)
+    negative = (hidden @ weight[candidates].t()).float() - candidate_log_q  # (n, C)
+    negative = negative.masked_fill(candidates[None, :] == targets[:, None], float("-inf"))  # accidental hits
+    return (torch.logsumexp(torch.cat([positive[:, None], negative], dim=1), dim=1) - positive).sum()
+
+
+def _chunk_gbce(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Summed gBCE (gSASRec): -beta * log sigmoid(s+) - sum_j log sigmoid(-s_j) over the sampled negatives."""
+    positive = (hidden * weight[targets]).sum(-1).float()  # (n,)
+    negative = (hidden @ weight[negatives].t()).float()  # (n, k)
+    negative_loss = -F.logsigmoid(-negative).masked_fill(negatives[None, :] == targets[:, None], 0.0)
+    return (-beta * F.logsigmoid(positive) + negative_loss.sum(-1)).sum()
+
+
+def _sampled_candidates(
+    targets: torch.Tensor, num_negatives: int, in_batch: bool, num_special: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates shared by every position of the batch, with their logQ corrections.
+
+    Mixed negatives (Yang et al., 2020): `num_negatives` uniform draws from the catalog plus, with `in_batch`,
+    the batch's targets, which are drawn in proportion to popularity. Under that sampler item j is expected
+    E_j = u + c_j times (u = num_negatives / items, c_j = its count among the batch targets). Each uniform
+    draw of j is weighted 1 / E_j and each distinct batch item c_j / E_j (logQ correction, Yi et al., 2019),
+    so the candidates' summed exp(score) estimates the full softmax denominator without favouring popular
+    items. The positive keeps its exact score, and its copies among the candidates are dropped.
+    """
+    num_items = vocab_size - num_special
+    uniform_count = num_negatives / num_items
+    counts = torch.zeros(vocab_size, device=targets.device)
+    distinct, counts_per_item = targets.unique(return_counts=True)
+    if in_batch:
+        counts[distinct] = counts_per_item.float()
+    parts, log_q = [], []
+    if num_negatives > 0:
+        draws = torch.randint(num_special, vocab_size, (num_negatives,), device=targets.device)
+        parts.append(draws)
+        log_q.append(torch.log(uniform_count + counts[draws]))
+    if in_batch:
+        parts.append(distinct)
+        log_q.append(torch.log((uniform_count + counts_per_item.float()) / counts_per_item.float()))
+    return torch.cat(parts), torch.cat(log_q)
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+    """gSASRec's calibration exponent: beta = alpha * (t * (1 - 1/alpha) + 1/alpha), alpha = k / (items - 1)."""
+    alpha = num_negatives / (num_items - 1)
+    return alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+
+
 def next_item_loss(
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
@@ -372,13 +431,21 @@ def next_item_loss(
     item_weight: torch.Tensor,
     num_special_tokens: int,
     chunk_size: int,
+    loss_type: str = "full_ce",
+    num_negatives: int = 256,
+    in_batch_negatives: bool = True,
+    gbce_t: float = 0.75,
 ) -> torch.Tensor:
-    """Full-catalog next-item cross-entropy, averaged over the real target positions.
+    """Next-item loss averaged over the real target positions.
 
     Labels are aligned with the inputs and shifted here (position t predicts labels[t + 1]). Only real
     (non-padding) positions predict, and targets that are -100 or special ids are ignored. Those positions
     are gathered first (padding never reaches the output layer) and scored `chunk_size` at a time; chunks are
     recomputed in the backward pass, so peak memory is O(chunk_size x catalog), never O(positions x catalog).
+
+    loss_type: `full_ce` (softmax over the whole catalog), `sampled_softmax` (mixed negatives, logQ
+    correction; for catalogs too large to score in full), `gbce` (gSASRec's calibrated BCE with
+    `num_negatives` uniform negatives).
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = (targets >= num_special_tokens) & attention_mask[:, :-1].bool()
@@ -387,20 +454,30 @@ def next_item_loss(
     num = targets.numel()
     if num == 0:
         return hidden_states.sum() * 0.0
+    vocab_size = item_weight.shape[0]
+    if loss_type == "full_ce":
+        fn, extra = _chunk_cross_entropy, (num_special_tokens,)
+    elif loss_type == "sampled_softmax":
+        candidates, log_q = _sampled_candidates(
+            targets, num_negatives, in_batch_negatives, num_special_tokens, vocab_size
+        )
+        fn, extra = _chunk_sampled_softmax, (candidates, log_q)
+    elif loss_type == "gbce":
+        negatives = torch.randint(num_special_tokens, vocab_size, (num_negatives,), device=targets.device)
+        beta = gbce_beta(num_negatives, vocab_size - num_special_tokens, gbce_t)
+        fn, extra = _chunk_gbce, (negatives, beta)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    def chunk_args(start: int, end: int) -> tuple:
+        return (hidden[start:end], item_weight, targets[start:end], *extra)
+
     if num <= chunk_size:
-        total = _chunk_cross_entropy(hidden, item_weight, targets, num_special_tokens)
+        total = fn(*chunk_args(0, num))
     else:
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, num, chunk_size):
-            end = start + chunk_size
-            total = total + checkpoint(
-                _chunk_cross_entropy,
-                hidden[start:end],
-                item_weight,
-                targets[start:end],
-                num_special_tokens,
-                use_reentrant=False,
-            )
+            total = total + checkpoint(fn, *chunk_args(start, start + chunk_size), use_reentrant=False)
     return total / num
 
 
@@ -491,6 +568,10 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 self.item_head.weight,
                 self.config.num_special_tokens,
                 self.config.loss_chunk_size,
+                loss_type=self.config.loss_type,
+                num_negatives=self.config.num_negatives,
+                in_batch_negatives=self.config.in_batch_negatives,
+                gbce_t=self.config.gbce_t,
             )
         if logits_to_keep is None:
             logits_to_keep = 0 if labels is None else -1

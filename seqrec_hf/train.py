@@ -74,6 +74,10 @@ class TrainingRecipe:
     attention_dropout: float = 0.2
     use_time_bias: bool = False
     time_num_buckets: int = 32
+    loss_type: str = field(default="full_ce", metadata={"help": "'full_ce', 'sampled_softmax' or 'gbce'."})
+    num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
+    in_batch_negatives: bool = True
+    gbce_t: float = 0.75
     loss_chunk_size: int = 4096
     attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa' or 'eager'."})
     # optimisation
@@ -125,6 +129,10 @@ class TrainingRecipe:
             max_position_embeddings=self.max_length,
             use_time_bias=self.use_time_bias,
             time_num_buckets=self.time_num_buckets,
+            loss_type=self.loss_type,
+            num_negatives=self.num_negatives,
+            in_batch_negatives=self.in_batch_negatives,
+            gbce_t=self.gbce_t,
             loss_chunk_size=self.loss_chunk_size,
             attn_implementation=self.attn_implementation,
         )
