@@ -61,7 +61,7 @@ class TrainingRecipe:
     temporal_cutoff: str | None = field(default=None, metadata={"help": "Test cutoff of the temporal split."})
     temporal_validation_cutoff: str | None = field(default=None, metadata={"help": "Validation cutoff."})
     synthetic_num_users: int = field(default=2000, metadata={"help": "Users of the synthetic data."})
-    synthetic_num_items: int = field(default=1000, metadata={"help": "Items of the synthetic data."})
+    synthetic_num_items: int = field(default=500, metadata={"help": "Items of the synthetic data."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
     # model
     max_length: int = field(default=50, metadata={"help": "History length the model reads."})
