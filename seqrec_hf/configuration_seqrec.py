@@ -36,6 +36,10 @@ class SeqRecConfig(PreTrainedConfig):
         use_time_bias: Add a learned relative attention bias indexed by the log-bucketed time gap between
             the query and key events (HSTU), so the model uses *when* things happened, not only their order.
             Needs `timestamps` at call time.
+        use_time_gap_embedding: Add a learned embedding of the log-bucketed gap between each event and the
+            event being predicted (the request time at the last position) to the input. Needs `timestamps`.
+            Where behaviour depends on how long after the last event the next one comes, this is the strongest
+            time feature.
         time_num_buckets: Number of log-spaced time-gap buckets (gaps beyond the last bucket are clipped).
         time_bucket_base: Base of the logarithm that defines the buckets (gap in seconds).
         loss_type: Training loss. `"full_ce"`: cross-entropy over the whole catalog (best quality when the
@@ -67,6 +71,7 @@ class SeqRecConfig(PreTrainedConfig):
     unk_token_id: int = 1
     num_special_tokens: int = 2
     use_time_bias: bool = False
+    use_time_gap_embedding: bool = False
     time_num_buckets: int = 32
     time_bucket_base: float = 2.0
     loss_type: str = "full_ce"
@@ -75,6 +80,11 @@ class SeqRecConfig(PreTrainedConfig):
     gbce_t: float = 0.75
     loss_chunk_size: int = 4096
     recommend_chunk_size: int = 65536
+
+    @property
+    def uses_timestamps(self) -> bool:
+        """True when the model needs `timestamps` (any time feature is on)."""
+        return bool(self.use_time_bias or self.use_time_gap_embedding)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

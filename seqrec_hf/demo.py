@@ -65,7 +65,8 @@ def run_demo(output_dir: str = "outputs/demo", scale: float = 1.0, overrides: di
     recipe_values.update(overrides or {})
     for name, timed in (("transformer (time-blind)", False), ("transformer (time-aware)", True)):
         folder = out / ("time_aware" if timed else "time_blind")
-        recipe = load_recipe(None, dict(recipe_values, use_time_bias=timed, output_dir=str(folder)))
+        time_features = {"use_time_bias": timed, "use_time_gap_embedding": timed}
+        recipe = load_recipe(None, dict(recipe_values, **time_features, output_dir=str(folder)))
         print(f"\ntraining {name} -> {folder}")
         results[name] = train(recipe)["test"]
 

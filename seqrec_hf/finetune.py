@@ -117,7 +117,7 @@ def finetune(
     logger.info("fine-tuning %s: %d new items added (vocabulary %d)", model_dir, added, len(tokenizer))
 
     max_length = model.config.max_position_embeddings
-    keep_time = model.config.use_time_bias and "timestamps" in splits["train"].column_names
+    keep_time = model.config.uses_timestamps and "timestamps" in splits["train"].column_names
     train_rows = splits["train"].filter(lambda r: len(r["item_ids"]) >= 2)
     train_rows = train_rows.select_columns(["item_ids", "timestamps"] if keep_time else ["item_ids"])
     eval_rows = with_target_appended(splits["validation"])

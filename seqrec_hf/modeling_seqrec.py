@@ -69,6 +69,20 @@ class NextItemPredictionOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def query_times(timestamps: torch.Tensor, query_timestamps: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) time of the event predicted at each position: t[i + 1], and the request time at the last one
+    (`query_timestamps`, or the last event's own time when it is unknown)."""
+    ts = timestamps.long()
+    last_query = ts[:, -1:] if query_timestamps is None else query_timestamps.long().view(-1, 1)
+    return torch.cat([ts[:, 1:], last_query], dim=1)
+
+
+def bucketize_gaps(gaps: torch.Tensor, num_buckets: int, base: float) -> torch.Tensor:
+    """floor(log_base |gap|) clipped to [0, num_buckets); gaps under `base` seconds share bucket 0."""
+    buckets = torch.floor(torch.log(gaps.abs().clamp(min=1).float()) / math.log(base)).long()
+    return buckets.clamp(0, num_buckets - 1)
+
+
 def time_gap_buckets(
     timestamps: torch.Tensor, query_timestamps: torch.Tensor | None, num_buckets: int, base: float
 ) -> torch.Tensor:
@@ -77,12 +91,8 @@ def time_gap_buckets(
     timestamps: (B, T) int64 seconds of the events. query_timestamps: (B,) time of the request (the event
     being predicted at the last position) or None. Returns (B, T, T) long bucket ids in [0, num_buckets).
     """
-    ts = timestamps.long()
-    last_query = ts[:, -1:] if query_timestamps is None else query_timestamps.long().view(-1, 1)
-    queries = torch.cat([ts[:, 1:], last_query], dim=1)  # (B, T): time of the event predicted at position i
-    gaps = (queries[:, :, None] - ts[:, None, :]).abs().clamp(min=1).float()  # (B, T, T)
-    buckets = torch.floor(torch.log(gaps) / math.log(base)).long()
-    return buckets.clamp(0, num_buckets - 1)
+    queries = query_times(timestamps, query_timestamps)
+    return bucketize_gaps(queries[:, :, None] - timestamps.long()[:, None, :], num_buckets, base)  # (B, T, T)
 
 
 def eager_attention_forward(
@@ -164,6 +174,21 @@ class SeqRecTimeBias(nn.Module):
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)  # (B, T, T, H) -> (B, H, T, T)
+
+
+class SeqRecTimeGapEmbedding(nn.Module):
+    """Embedding of the bucketed gap between each event and the event it predicts, added to the input.
+
+    Lets the model condition on how long after the last event the next one happens (a short gap: continue
+    the session; a long one: something else), which attention biases alone capture only weakly. Zero at init.
+    """
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.time_num_buckets, config.hidden_size))
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        return F.embedding(buckets, self.weight)  # (B, T, d)
 
 
 class SeqRecBlock(nn.Module):
@@ -252,7 +277,7 @@ class SeqRecPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, SeqRecTimeBias):
+        if isinstance(module, (SeqRecTimeBias, SeqRecTimeGapEmbedding)):
             # Zero bias at init: a time-aware model starts as its time-blind twin and learns what gaps mean.
             init.zeros_(module.weight)
 
@@ -264,6 +289,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
         super().__init__(config)
         self.embed_items = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_time_gaps = SeqRecTimeGapEmbedding(config) if config.use_time_gap_embedding else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList([SeqRecBlock(config, i) for i in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -288,8 +314,8 @@ class SeqRecModel(SeqRecPreTrainedModel):
             )
         if timestamps is not None and timestamps.shape != input_ids.shape:
             raise ValueError(f"timestamps shape {tuple(timestamps.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if self.config.use_time_bias and timestamps is None:
-            raise ValueError("this model uses time (config.use_time_bias=True): pass `timestamps`")
+        if self.config.uses_timestamps and timestamps is None:
+            raise ValueError("this model uses time (config.use_time_bias/use_time_gap_embedding): pass `timestamps`")
         if torch.compiler.is_compiling():
             return
         low, high = int(input_ids.min()), int(input_ids.max())
@@ -330,6 +356,10 @@ class SeqRecModel(SeqRecPreTrainedModel):
 
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # first real event -> 0
         hidden_states = self.embed_items(input_ids) + self.embed_positions(position_ids)
+        if self.embed_time_gaps is not None:
+            gaps = query_times(timestamps, query_timestamps) - timestamps.long()  # (B, T)
+            buckets = bucketize_gaps(gaps, self.config.time_num_buckets, self.config.time_bucket_base)
+            hidden_states = hidden_states + self.embed_time_gaps(buckets)
         hidden_states = self.embed_dropout(hidden_states)  # (B, T, d)
 
         # Additive mask (B, 1, T, T): causal and no padding keys. The diagonal stays open so padding rows
@@ -655,5 +685,7 @@ __all__ = [
     "SeqRecModelOutput",
     "SeqRecPreTrainedModel",
     "next_item_loss",
+    "bucketize_gaps",
+    "query_times",
     "time_gap_buckets",
 ]

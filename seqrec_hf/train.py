@@ -73,6 +73,7 @@ class TrainingRecipe:
     hidden_dropout_prob: float = 0.2
     attention_dropout: float = 0.2
     use_time_bias: bool = False
+    use_time_gap_embedding: bool = False
     time_num_buckets: int = 32
     loss_type: str = field(default="full_ce", metadata={"help": "'full_ce', 'sampled_softmax' or 'gbce'."})
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
@@ -128,6 +129,7 @@ class TrainingRecipe:
             attention_dropout=self.attention_dropout,
             max_position_embeddings=self.max_length,
             use_time_bias=self.use_time_bias,
+            use_time_gap_embedding=self.use_time_gap_embedding,
             time_num_buckets=self.time_num_buckets,
             loss_type=self.loss_type,
             num_negatives=self.num_negatives,
@@ -245,7 +247,7 @@ def prepare_data(recipe: TrainingRecipe, tokenizer: ItemTokenizer | None = None)
     if recipe.sliding_window_stride:
         train_rows = sliding_windows(train_rows, recipe.max_length, recipe.sliding_window_stride)
     train_rows = train_rows.remove_columns([c for c in train_rows.column_names if c not in ("item_ids", "timestamps")])
-    if not recipe.use_time_bias and "timestamps" in train_rows.column_names:
+    if not (recipe.use_time_bias or recipe.use_time_gap_embedding) and "timestamps" in train_rows.column_names:
         train_rows = train_rows.remove_columns("timestamps")
     return splits, tokenizer, train_rows
 

@@ -244,3 +244,35 @@ def test_training_step_reduces_loss():
         loss.backward()
         optimizer.step()
     assert loss.item() < first / 4
+
+
+@pytest.mark.parametrize(
+    "features", [{"use_time_gap_embedding": True}, {"use_time_gap_embedding": True, "use_time_bias": True}]
+)
+def test_time_gap_embedding_is_causal_padding_invariant_and_uses_the_request_time(features):
+    model = make_model(**features)
+    with torch.no_grad():
+        model.model.embed_time_gaps.weight.normal_()
+    batch = random_batch(times=True)
+    t = 4
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][:, t + 1 :] = torch.randint(2, 40, changed["input_ids"][:, t + 1 :].shape)
+    torch.testing.assert_close(model(**batch).logits[:, : t + 1], model(**changed).logits[:, : t + 1])
+    # the gap to the predicted event matters: a later request time changes the last position's scores only
+    soon = model(**batch, query_timestamps=batch["timestamps"][:, -1] + 60).logits
+    later = model(**batch, query_timestamps=batch["timestamps"][:, -1] + 30 * 86400).logits
+    torch.testing.assert_close(soon[:, :-1], later[:, :-1])
+    assert not torch.allclose(soon[:, -1], later[:, -1])
+    padded = {
+        "input_ids": F.pad(batch["input_ids"], (3, 0), value=0),
+        "attention_mask": F.pad(batch["attention_mask"], (3, 0), value=0),
+        "timestamps": F.pad(batch["timestamps"], (3, 0), value=5),
+    }
+    torch.testing.assert_close(model(**batch).logits, model(**padded).logits[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_time_gap_embedding_starts_at_zero_and_needs_timestamps():
+    model = make_model(use_time_gap_embedding=True)
+    assert torch.count_nonzero(model.model.embed_time_gaps.weight) == 0
+    with pytest.raises(ValueError, match="timestamps"):
+        model(**random_batch())

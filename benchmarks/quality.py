@@ -1,0 +1,152 @@
+"""Quality benchmark: train a recipe over several seeds and report test metrics next to anchors and baselines.
+
+    python benchmarks/quality.py --recipe training/configs/beauty.yaml --seeds 42 43 44 --name beauty
+    python benchmarks/quality.py --recipe training/configs/ml1m-half.yaml --seeds 42 43 44 --name ml1m-half \
+        --variant time-aware use_time_bias=true --variant time-blind use_time_bias=false
+
+Every number comes from `seqrec_hf.train.train` (the same code as `seqrec-hf train`): full ranking over the
+catalog, history excluded, model selected on validation NDCG@10 only. Results are merged into
+benchmarks/results/quality.json (one entry per dataset and variant) and quality.md is rewritten from it, with
+the git commit and the exact command of each entry. Baselines come from benchmarks/results/baselines.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from seqrec_hf.train import load_recipe, parse_overrides, train
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
+
+# Published full-ranking anchors (../shared/docs/benchmarks.md); quoted, not re-run.
+ANCHORS = {
+    "beauty": [
+        ("BSARec (AAAI'24)", 0.1008, 0.0611),
+        ("ICSRec (WSDM'24)", 0.0959, 0.0578),
+        ("SASRec + sampled softmax (eSASRec paper)", 0.0921, 0.0531),
+        ("SASRec, BCE + 1 negative (as usually quoted)", 0.0605, 0.0318),
+    ],
+    "sports": [("BSARec", 0.0612, None), ("ICSRec (WSDM'24)", 0.0565, 0.0335)],
+}
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=HERE).stdout.strip()  # fmt: skip
+        return commit + (" + uncommitted changes" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and (sample) standard deviation over seeds of every test metric and of validation NDCG@10."""
+    out = {}
+    for name in METRICS:
+        values = [r["test"][name] for r in runs]
+        out[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    values = [r["validation"]["NDCG@10"] for r in runs]
+    out["validation NDCG@10"] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    out["train_seconds"] = {"mean": statistics.fmean(r["train_seconds"] for r in runs), "std": 0.0}
+    return out
+
+
+def render(results: dict) -> str:
+    baselines = {}
+    path = RESULTS / "baselines.json"
+    if path.is_file():
+        baselines = json.loads(path.read_text())
+    lines = [
+        "# Quality: full-ranking test metrics (mean ± std over seeds)",
+        "",
+        "Protocol: ../shared/docs/benchmarks.md (leave-one-out, full ranking, history excluded, pessimistic ties,"
+        " selection on validation NDCG@10). Rewritten by `benchmarks/quality.py` from quality.json.",
+        "",
+    ]
+    for dataset in sorted({entry["dataset"] for entry in results.values()}):
+        lines += [f"## {dataset}", "", "| model | seeds | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 | MRR | "
+                  "val NDCG@10 | train s |", "|---" * 11 + "|"]  # fmt: skip
+        for key, entry in results.items():
+            if entry["dataset"] != dataset:
+                continue
+            s = entry["summary"]
+            cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS]
+            lines.append(
+                f"| {entry['variant']} | {len(entry['seeds'])} | " + " | ".join(cells)
+                + f" | {s['validation NDCG@10']['mean']:.4f} | {s['train_seconds']['mean']:.0f} |"
+            )
+        for name, values in (baselines.get(dataset, {}) or {}).get("test", {}).items():
+            cells = [f"{values[m]:.4f}" if m in values else "-" for m in METRICS]
+            lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - | - |")
+        for name, hr, ndcg in ANCHORS.get(dataset, []):
+            lines.append(f"| anchor (published): {name} | - | - | {hr:.4f} | - | - | "
+                         f"{'-' if ndcg is None else f'{ndcg:.4f}'} | - | - | - | - |")  # fmt: skip
+        lines.append("")
+        for key, entry in results.items():
+            if entry["dataset"] == dataset:
+                lines.append(f"- `{entry['variant']}`: `{entry['command']}` (commit {entry['commit']}, {entry['machine']})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--name", required=True, help="dataset name in the results (beauty, sports, ml1m-half, ...)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                        help="a named variant with recipe overrides; repeatable (default: the recipe as is)")  # fmt: skip
+    parser.add_argument("--output-root", default="outputs/quality")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    args = parser.parse_args(argv)
+    variants = args.variant or [["default"]]
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / "quality.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    for variant in variants:
+        name, extra = variant[0], parse_overrides(variant[1:])
+        runs = []
+        for seed in args.seeds:
+            overrides = {**parse_overrides(args.overrides), **extra, "seed": seed}
+            overrides["output_dir"] = os.path.join(args.output_root, args.name, name, f"seed{seed}")
+            recipe = load_recipe(args.recipe, overrides)
+            start = time.time()
+            result = train(recipe)
+            result["wall_seconds"] = time.time() - start
+            runs.append({k: result[k] for k in ("test", "validation", "train_seconds", "best_step", "wall_seconds")})
+            print(f"{args.name}/{name} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f} "
+                  f"HR@10 {result['test']['HR@10']:.4f}", flush=True)  # fmt: skip
+        results[f"{args.name}/{name}"] = {
+            "dataset": args.name,
+            "variant": name,
+            "recipe": args.recipe,
+            "overrides": args.overrides + variant[1:],
+            "seeds": args.seeds,
+            "runs": runs,
+            "summary": summarise(runs),
+            "command": command,
+            "commit": git_commit(),
+            "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads",
+        }
+        store.write_text(json.dumps(results, indent=2))
+        (RESULTS / "quality.md").write_text(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
