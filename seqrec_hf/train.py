@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import string
 import sys
 import time
 import typing
@@ -208,6 +209,14 @@ def _coerce(name: str, value: Any, annotation: Any, source: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def resolve_data_path(path: str) -> str:
+    """Expand `${SEQREC_DATA_DIR}` (default: ../shared/data next to the checkout) and `~` in recipe paths."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    env = dict(os.environ)
+    env.setdefault("SEQREC_DATA_DIR", str(default))
+    return os.path.expanduser(string.Template(path).safe_substitute(env))
+
+
 def load_recipe_sequences(recipe: TrainingRecipe) -> datasets.Dataset:
     """The recipe's interactions as one row per user."""
     if recipe.data_path == SYNTHETIC:
@@ -217,7 +226,7 @@ def load_recipe_sequences(recipe: TrainingRecipe) -> datasets.Dataset:
             num_users=recipe.synthetic_num_users, num_items=recipe.synthetic_num_items, seed=recipe.synthetic_seed
         )
     return load_sequences(
-        recipe.data_path,
+        resolve_data_path(recipe.data_path),
         recipe.data_format,
         user_col=recipe.user_col,
         item_col=recipe.item_col,
