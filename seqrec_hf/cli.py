@@ -248,6 +248,50 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# push
+# --------------------------------------------------------------------------------------------------------
+
+
+def add_push_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a checkpoint folder (weights, config, tokenizer, code, card, metrics) to the Hub",
+        description="One commit with everything needed to load the model (also with trust_remote_code=True) "
+        "and judge it; training leftovers (checkpoints/, best_model/) stay local. The token comes from HF_TOKEN "
+        "or `hf auth login` (docs/hub.md).",
+    )
+    parser.add_argument("folder", help="checkpoint folder (a training output_dir, or save_pretrained output)")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, ORG/NAME (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to push to (created from main if missing)")
+    parser.add_argument("--commit-message", help="commit message (default: 'Upload <folder> with seqrec-hf')")
+    parser.add_argument(
+        "--keep-card", action="store_true", help="upload README.md as it is (default: re-render it for the repo)"
+    )
+    parser.set_defaults(func=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .hub import HubPushError, push_checkpoint
+
+    try:
+        info = push_checkpoint(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            update_card=not args.keep_card,
+        )
+    except HubPushError as err:
+        print(f"seqrec-hf push: error: {err}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.folder} to {args.repo_id}" + (f"@{args.revision}" if args.revision else ""))
+    print(f"commit {info.oid}: {info.commit_url}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------
 
@@ -258,6 +302,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_recommend_parser,
     add_demo_parser,
     add_card_parser,
+    add_push_parser,
 ]
 
 
