@@ -384,6 +384,14 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     state["train_seconds"] = 0.0
     state["learning_rate"] = recipe.learning_rate
     checkpoint = latest_checkpoint(output_dir) if resume else None
+    if not resume and is_main:
+        stale = [output_dir / name for name in ("checkpoints", "best_model", "train_log.jsonl", "metrics.json")]
+        stale = [path for path in stale if path.exists()]
+        if stale:  # a fresh run must not pick up another run's best model or log
+            logger.warning("%s holds a previous run; starting afresh (use --resume to continue it)", output_dir)
+            for path in stale:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
     if resume and checkpoint is None and is_main:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
     if checkpoint is not None:
