@@ -59,7 +59,8 @@ def summarise(runs: list[dict]) -> dict:
         values = [r["test"][name] for r in runs]
         out[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     values = [r["validation"]["NDCG@10"] for r in runs]
-    out["validation NDCG@10"] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["validation NDCG@10"] = {"mean": statistics.fmean(values), "std": spread}
     out["train_seconds"] = {"mean": statistics.fmean(r["train_seconds"] for r in runs), "std": 0.0}
     return out
 
@@ -79,13 +80,14 @@ def render(results: dict) -> str:
     for dataset in sorted({entry["dataset"] for entry in results.values()}):
         lines += [f"## {dataset}", "", "| model | seeds | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 | MRR | "
                   "val NDCG@10 | train s |", "|---" * 11 + "|"]  # fmt: skip
-        for key, entry in results.items():
+        for entry in results.values():
             if entry["dataset"] != dataset:
                 continue
             s = entry["summary"]
             cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS]
             lines.append(
-                f"| {entry['variant']} | {len(entry['seeds'])} | " + " | ".join(cells)
+                f"| {entry['variant']} | {len(entry['seeds'])} | "
+                + " | ".join(cells)
                 + f" | {s['validation NDCG@10']['mean']:.4f} | {s['train_seconds']['mean']:.0f} |"
             )
         for name, values in (baselines.get(dataset, {}) or {}).get("test", {}).items():
@@ -95,9 +97,10 @@ def render(results: dict) -> str:
             lines.append(f"| anchor (published): {name} | - | - | {hr:.4f} | - | - | "
                          f"{'-' if ndcg is None else f'{ndcg:.4f}'} | - | - | - | - |")  # fmt: skip
         lines.append("")
-        for key, entry in results.items():
+        for entry in results.values():
             if entry["dataset"] == dataset:
-                lines.append(f"- `{entry['variant']}`: `{entry['command']}` (commit {entry['commit']}, {entry['machine']})")
+                where = f"commit {entry['commit']}, {entry['machine']}"
+                lines.append(f"- `{entry['variant']}`: `{entry['command']}` ({where})")
         lines.append("")
     return "\n".join(lines)
 
@@ -107,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--name", required=True, help="dataset name in the results (beauty, sports, ml1m-half, ...)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
-                        help="a named variant with recipe overrides; repeatable (default: the recipe as is)")  # fmt: skip
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        metavar=("NAME", "KEY=VALUE"),
+        help="a named variant with recipe overrides; repeatable (default: the recipe as is)",
+    )
     parser.add_argument("--output-root", default="outputs/quality")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     args = parser.parse_args(argv)
