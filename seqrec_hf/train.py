@@ -29,6 +29,7 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
@@ -340,6 +341,9 @@ def run_evaluation(accelerator, model, rows, tokenizer, recipe, desc: str) -> di
 def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     """Train a model from scratch as the recipe says; returns the metrics written to metrics.json."""
     output_dir = Path(recipe.output_dir)
+    # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (the demo,
+    # the quality benchmark, a notebook) may use another precision. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
