@@ -66,10 +66,12 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def render(results: dict) -> str:
-    baselines = {}
+    baselines: dict[str, dict[str, dict]] = {}  # dataset name (lower case) -> baseline -> test metrics
     path = RESULTS / "baselines.json"
     if path.is_file():
-        baselines = json.loads(path.read_text())
+        for row in json.loads(path.read_text()).get("results", []):
+            if row["split"] == "test":
+                baselines.setdefault(row["dataset"].lower(), {})[row["baseline"]] = row["metrics"]
     lines = [
         "# Quality: full-ranking test metrics (mean ± std over seeds)",
         "",
@@ -90,7 +92,7 @@ def render(results: dict) -> str:
                 + " | ".join(cells)
                 + f" | {s['validation NDCG@10']['mean']:.4f} | {s['train_seconds']['mean']:.0f} |"
             )
-        for name, values in (baselines.get(dataset, {}) or {}).get("test", {}).items():
+        for name, values in baselines.get(dataset.lower(), {}).items():
             cells = [f"{values[m]:.4f}" if m in values else "-" for m in METRICS]
             lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - | - |")
         for name, hr, ndcg in ANCHORS.get(dataset, []):
