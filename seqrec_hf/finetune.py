@@ -63,6 +63,21 @@ class EvalCollator(SeqRecCollator):
         return batch
 
 
+class NextItemTrainer(Trainer):
+    """`Trainer` whose evaluation batches come from their own collator (target appended, two logits kept)."""
+
+    def __init__(self, *args: Any, eval_data_collator: EvalCollator, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+
 def make_preprocess_logits(num_special_tokens: int):
     """(B, 2, V) logits -> (B,) pessimistic ranks of the last label, history (what the model read) excluded."""
 
@@ -147,7 +162,8 @@ def finetune(
         disable_tqdm=False,
         dataloader_pin_memory=False,
     )
-    trainer = Trainer(
+    trainer = NextItemTrainer(
+        eval_data_collator=EvalCollator(tokenizer, max_length=max_length),
         model=model,
         args=args,
         train_dataset=train_rows,
@@ -157,8 +173,6 @@ def finetune(
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=make_preprocess_logits(tokenizer.num_special_tokens),
     )
-    # Evaluation batches append the target: same collator, plus logits_to_keep.
-    trainer.get_eval_dataloader = _eval_loader_factory(trainer, EvalCollator(tokenizer, max_length=max_length))
     trainer.train()
     validation = trainer.evaluate()
 
@@ -176,20 +190,6 @@ def finetune(
     Path(output_dir, "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     print(format_metrics_table({k: v for k, v in test.items() if not k.startswith("num_")}, "test metrics"))
     return result
-
-
-def _eval_loader_factory(trainer: Trainer, collator: EvalCollator):
-    original = trainer.get_eval_dataloader
-
-    def get_eval_dataloader(eval_dataset=None):
-        saved = trainer.data_collator
-        trainer.data_collator = collator
-        try:
-            return original(eval_dataset)
-        finally:
-            trainer.data_collator = saved
-
-    return get_eval_dataloader
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

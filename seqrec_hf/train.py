@@ -394,7 +394,10 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
         if stale:  # a fresh run must not pick up another run's best model or log
             logger.warning("%s holds a previous run; starting afresh (use --resume to continue it)", output_dir)
             for path in stale:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     accelerator.wait_for_everyone()
     if resume and checkpoint is None and is_main:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
