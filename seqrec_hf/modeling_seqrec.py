@@ -74,7 +74,9 @@ def query_times(timestamps: torch.Tensor, query_timestamps: torch.Tensor | None)
     (`query_timestamps`, or the last event's own time when it is unknown)."""
     ts = timestamps.long()
     last_query = ts[:, -1:] if query_timestamps is None else query_timestamps.long().view(-1, 1)
-    return torch.cat([ts[:, 1:], last_query], dim=1)
+    # roll + where, not cat([ts[:, 1:], last]): torch.export would guard seq_len - 1 != 1 on the cat
+    is_last = torch.arange(ts.shape[1], device=ts.device) == ts.shape[1] - 1
+    return torch.where(is_last, last_query, ts.roll(-1, dims=1))
 
 
 def bucketize_gaps(gaps: torch.Tensor, num_buckets: int, base: float) -> torch.Tensor:
@@ -388,11 +390,68 @@ class SeqRecModel(SeqRecPreTrainedModel):
         return SeqRecModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
 
 
-def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_special: int):
-    """Summed cross-entropy of one chunk of positions over the whole catalog (special ids excluded)."""
-    logits = (hidden @ weight.t()).float()  # (n, V)
-    logits[:, :num_special] = float("-inf")
-    return F.cross_entropy(logits, targets, reduction="sum")
+# Most logits scored at once by the full cross-entropy (512 MB in fp32), whatever `loss_chunk_size` says: with a
+# 1M-item catalog a chunk is 134 positions, with 12k items the whole `loss_chunk_size` (4,096).
+MAX_LOGITS_PER_CHUNK = 2**27
+
+
+class _FullCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` over the whole catalog, `chunk_size` rows at a time.
+
+    The loss is a scalar, so its gradients are computed in the same pass: per chunk, logits -> log-softmax ->
+    softmax (in place) minus one-hot -> two matmuls into grad_hidden (N, d) and grad_weight (V, d). Backward
+    only scales them. Nothing is recomputed (3 matmuls per chunk instead of 4 with checkpointing) and one
+    (chunk, V) block is live at a time, so memory is O(chunk x catalog) and never O(positions x catalog).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, num_special: int, chunk_size: int, with_grads: bool):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (rows @ weight.t()).float()  # (c, V)
+            logits[:, :num_special] = float("-inf")
+            log_probs = torch.log_softmax(logits, dim=1)
+            del logits
+            total -= log_probs.gather(1, chunk_targets[:, None]).sum()
+            if not with_grads:
+                continue
+            probs = log_probs.exp_()  # softmax, in place
+            probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1.0  # d loss / d logits
+            probs = probs.to(weight.dtype)
+            grad_hidden[start : start + chunk_size] = probs @ weight  # (c, d)
+            if weight.dtype == torch.float32:
+                grad_weight.addmm_(probs.t(), rows)  # (V, d), accumulated in place
+            else:
+                grad_weight += (probs.t() @ rows).float()
+        if with_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None, None
+
+
+def full_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_special: int, chunk_size: int
+) -> torch.Tensor:
+    """Summed full-catalog cross-entropy of the rows of `hidden` (N, d) against `targets` (N,); special ids excluded.
+
+    Under autocast the matmuls run in the autocast dtype (bf16 on CPU), the softmax in fp32.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    chunk_size = max(1, min(chunk_size, MAX_LOGITS_PER_CHUNK // weight.shape[0]))
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device_type, enabled=False):
+        return _FullCrossEntropy.apply(hidden, weight, targets, num_special, chunk_size, with_grads)
 
 
 def _chunk_sampled_softmax(
@@ -470,8 +529,9 @@ def next_item_loss(
 
     Labels are aligned with the inputs and shifted here (position t predicts labels[t + 1]). Only real
     (non-padding) positions predict, and targets that are -100 or special ids are ignored. Those positions
-    are gathered first (padding never reaches the output layer) and scored `chunk_size` at a time; chunks are
-    recomputed in the backward pass, so peak memory is O(chunk_size x catalog), never O(positions x catalog).
+    are gathered first (padding never reaches the output layer) and scored `chunk_size` at a time (full CE:
+    at most `MAX_LOGITS_PER_CHUNK` logits; gradients computed in the same pass; sampled losses: chunks
+    recomputed in the backward pass), so peak memory is O(chunk x catalog), never O(positions x catalog).
 
     loss_type: `full_ce` (softmax over the whole catalog), `sampled_softmax` (mixed negatives, logQ
     correction; for catalogs too large to score in full), `gbce` (gSASRec's calibrated BCE with
@@ -486,8 +546,8 @@ def next_item_loss(
         return hidden_states.sum() * 0.0
     vocab_size = item_weight.shape[0]
     if loss_type == "full_ce":
-        fn, extra = _chunk_cross_entropy, (num_special_tokens,)
-    elif loss_type == "sampled_softmax":
+        return full_cross_entropy_sum(hidden, item_weight, targets, num_special_tokens, chunk_size) / num
+    if loss_type == "sampled_softmax":
         candidates, log_q = _sampled_candidates(
             targets, num_negatives, in_batch_negatives, num_special_tokens, vocab_size
         )
