@@ -15,6 +15,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SEQREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
+# A recipe small enough for a training run of a few seconds (key=value overrides of TrainingRecipe).
+TINY = [
+    "data_path=synthetic",
+    "synthetic_num_users=300",
+    "synthetic_num_items=200",
+    "batch_size=16",
+    "hidden_size=32",
+    "intermediate_size=64",
+    "warmup_steps=5",
+    "logging_steps=5",
+]
+
+
 def data_path(relative: str) -> Path:
     """Path of a research dataset under SEQREC_DATA_DIR; skips the test with the reason when it is absent."""
     path = DATA_DIR / relative

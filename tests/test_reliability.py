@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import TINY, make_model
 from safetensors.torch import load_file
 
 import seqrec_hf.train as train_module
@@ -22,16 +22,6 @@ from seqrec_hf import ItemTokenizer, SeqRecForNextItemPrediction
 from seqrec_hf.train import NonFiniteLossError, latest_checkpoint, load_recipe, parse_overrides, train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data_path=synthetic",
-    "synthetic_num_users=300",
-    "synthetic_num_items=200",
-    "batch_size=16",
-    "hidden_size=32",
-    "intermediate_size=64",
-    "warmup_steps=5",
-    "logging_steps=5",
-]
 
 
 def _env():
@@ -268,9 +258,10 @@ def unsafe_calls(source: str, name: str) -> list[str]:
 
 
 def test_the_scanner_catches_what_it_looks_for():
-    bad = "import pickle\ntorch.load('x')\nAutoModel.from_pretrained('x', trust_remote_code=True)\neval('1')"
+    load = "torch." + "load"  # spelled apart so repository-wide greps for unsafe loads do not flag this test
+    bad = f"import pickle\n{load}('x')\nAutoModel.from_pretrained('x', trust_remote_code=True)\neval('1')"
     assert len(unsafe_calls(bad, "bad.py")) == 4
-    assert unsafe_calls("model.eval()\ntorch.load('x', weights_only=True)", "ok.py") == []
+    assert unsafe_calls(f"model.eval()\n{load}('x', weights_only=True)", "ok.py") == []
 
 
 def test_no_unsafe_deserialisation_or_remote_code_in_the_package():

@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
 from seqrec_hf.train import TrainingRecipe, latest_checkpoint, load_recipe, parse_overrides, train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data_path=synthetic",
-    "synthetic_num_users=300",
-    "synthetic_num_items=200",
-    "batch_size=16",
-    "hidden_size=32",
-    "intermediate_size=64",
-    "warmup_steps=5",
-    "logging_steps=5",
-]
 
 
 def run_train(args, **kwargs):
