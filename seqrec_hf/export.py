@@ -53,7 +53,7 @@ class SeqRecServingModule(nn.Module):
         self.top_k = top_k
         self.chunk_size = chunk_size or model.config.recommend_chunk_size
         self.exclude_history = exclude_history
-        self.time_aware = bool(model.config.use_time_bias)
+        self.time_aware = bool(model.config.uses_timestamps)
 
     def user_vectors(self, input_ids, attention_mask, timestamps=None, query_timestamps=None) -> torch.Tensor:
         hidden = self.model.model(
@@ -99,7 +99,7 @@ class ServingProgram:
 
     Attributes:
         program: the `torch.export.ExportedProgram`.
-        time_aware: the model uses timestamps (`config.use_time_bias`).
+        time_aware: the model uses timestamps (`config.uses_timestamps`).
         top_k: number of items returned, or None when the program returns user vectors.
         vocab_size, num_special_tokens, pad_token_id, max_position_embeddings: copied from the model config.
     """
@@ -153,7 +153,7 @@ def _serving_inputs(input_ids, attention_mask, timestamps, query_timestamps, tim
     input_ids, attention_mask = input_ids.long(), attention_mask.long()
     if time_aware:
         if timestamps is None:
-            raise ValueError("this model uses time (config.use_time_bias=True): pass `timestamps`")
+            raise ValueError("this model uses time (config.uses_timestamps): pass `timestamps`")
         if timestamps.shape != input_ids.shape:
             raise ValueError(f"timestamps shape {tuple(timestamps.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if query_timestamps is None:  # the eager model's default: the time of the latest event

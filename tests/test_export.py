@@ -100,3 +100,14 @@ def test_runner_checks_inputs_like_the_eager_model():
         program(**long)
     with pytest.raises(ValueError, match="top_k"):
         export_for_serving(model, **batch, top_k=1000)
+
+
+def test_gap_embedding_only_model_is_exported_as_time_aware():
+    model = make_model(use_time_gap_embedding=True, time_num_buckets=8)
+    with torch.no_grad():
+        model.model.embed_time_gaps.weight.normal_(0, 1.0)
+    batch = left_padded_batch([4, 6], times=True)
+    program = export_for_serving(model, **batch)
+    query = batch["timestamps"][:, -1] + torch.tensor([10, 10**7])
+    exported = program(**batch, query_timestamps=query)
+    torch.testing.assert_close(exported, eager_user_vectors(model, batch, query), rtol=1e-5, atol=1e-5)
