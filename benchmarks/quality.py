@@ -13,6 +13,7 @@ the git commit and the exact command of each entry. Baselines come from benchmar
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -126,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "quality.json"
-    results = json.loads(store.read_text()) if store.is_file() else {}
     for variant in variants:
         name, extra = variant[0], parse_overrides(variant[1:])
         runs = []
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({k: result[k] for k in ("test", "validation", "train_seconds", "best_step", "wall_seconds")})
             print(f"{args.name}/{name} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f} "
                   f"HR@10 {result['test']['HR@10']:.4f}", flush=True)  # fmt: skip
-        results[f"{args.name}/{name}"] = {
+        entry = {
             "dataset": args.name,
             "variant": name,
             "recipe": args.recipe,
@@ -153,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
         }
-        store.write_text(json.dumps(results, indent=2))
-        (RESULTS / "quality.md").write_text(render(results))
+        # Read-merge-write under a lock: several invocations (one per dataset) may run side by side.
+        with open(RESULTS / ".quality.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results = json.loads(store.read_text()) if store.is_file() else {}
+            results[f"{args.name}/{name}"] = entry
+            store.write_text(json.dumps(results, indent=2))
+            (RESULTS / "quality.md").write_text(render(results))
     return 0
 
 

@@ -26,6 +26,9 @@ class SeqRecConfig(PreTrainedConfig):
         hidden_dropout_prob: Dropout on embeddings, attention output and feed-forward output.
         attention_dropout: Dropout on attention probabilities.
         max_position_embeddings: Longest history the model reads (learned absolute positions).
+        embedding_norm: LayerNorm on the summed input embeddings before dropout (as in S3-Rec/BSARec). The
+            residual stream then starts at unit scale instead of the tiny initial embeddings, which makes the
+            item signal visible to the first block from the first step.
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal weight initialisation.
         tie_word_embeddings: Score items with the item embedding matrix (the output layer is tied to the
@@ -33,6 +36,9 @@ class SeqRecConfig(PreTrainedConfig):
         pad_token_id: Id of the padding token (left padding everywhere).
         unk_token_id: Id of the unknown-item token.
         num_special_tokens: Ids below this are special tokens, never recommended nor used as targets.
+        use_position_bias: Add a learned per-head attention bias indexed by how many events separate the query
+            and the key (relative position, as in T5/HSTU). Recency then reads directly off the bias instead of
+            being inferred from absolute positions counted from the user's first event.
         use_time_bias: Add a learned relative attention bias indexed by the log-bucketed time gap between
             the query and key events (HSTU), so the model uses *when* things happened, not only their order.
             Needs `timestamps` at call time.
@@ -64,12 +70,14 @@ class SeqRecConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.2
     attention_dropout: float = 0.2
     max_position_embeddings: int = 200
+    embedding_norm: bool = False
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     pad_token_id: int = 0
     unk_token_id: int = 1
     num_special_tokens: int = 2
+    use_position_bias: bool = False
     use_time_bias: bool = False
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32

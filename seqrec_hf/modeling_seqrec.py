@@ -178,6 +178,19 @@ class SeqRecTimeBias(nn.Module):
         return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)  # (B, T, T, H) -> (B, H, T, T)
 
 
+class SeqRecPositionBias(nn.Module):
+    """A learned per-head bias for each query-key distance in events (one table per layer, zero at init)."""
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.max_position_embeddings, config.num_attention_heads))
+
+    def forward(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        index = torch.arange(seq_len, device=device)
+        distance = (index[:, None] - index[None, :]).clamp(0, self.weight.shape[0] - 1)  # causal part only
+        return F.embedding(distance, self.weight).permute(2, 0, 1)[None]  # (1, H, T, T)
+
+
 class SeqRecTimeGapEmbedding(nn.Module):
     """Embedding of the bucketed gap between each event and the event it predicts, added to the input.
 
@@ -204,12 +217,15 @@ class SeqRecBlock(nn.Module):
         self.mlp = SeqRecMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.time_bias = SeqRecTimeBias(config) if config.use_time_bias else None
+        self.position_bias = SeqRecPositionBias(config) if config.use_position_bias else None
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, time_buckets: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.time_bias is not None and time_buckets is not None:
             attention_mask = attention_mask + self.time_bias(time_buckets)
+        if self.position_bias is not None:
+            attention_mask = attention_mask + self.position_bias(hidden_states.shape[1], hidden_states.device)
         attn_output, attn_weights = self.self_attn(self.attn_norm(hidden_states), attention_mask)
         hidden_states = hidden_states + self.dropout(attn_output)
         hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
@@ -279,7 +295,7 @@ class SeqRecPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, (SeqRecTimeBias, SeqRecTimeGapEmbedding)):
+        if isinstance(module, (SeqRecTimeBias, SeqRecTimeGapEmbedding, SeqRecPositionBias)):
             # Zero bias at init: a time-aware model starts as its time-blind twin and learns what gaps mean.
             init.zeros_(module.weight)
 
@@ -292,6 +308,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
         self.embed_items = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_time_gaps = SeqRecTimeGapEmbedding(config) if config.use_time_gap_embedding else None
+        self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.embedding_norm else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList([SeqRecBlock(config, i) for i in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -362,6 +379,8 @@ class SeqRecModel(SeqRecPreTrainedModel):
             gaps = query_times(timestamps, query_timestamps) - timestamps.long()  # (B, T)
             buckets = bucketize_gaps(gaps, self.config.time_num_buckets, self.config.time_bucket_base)
             hidden_states = hidden_states + self.embed_time_gaps(buckets)
+        if self.embed_norm is not None:
+            hidden_states = self.embed_norm(hidden_states)
         hidden_states = self.embed_dropout(hidden_states)  # (B, T, d)
 
         # Additive mask (B, 1, T, T): causal and no padding keys. The diagonal stays open so padding rows

@@ -74,6 +74,8 @@ class TrainingRecipe:
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.2
     attention_dropout: float = 0.2
+    embedding_norm: bool = field(default=False, metadata={"help": "LayerNorm on the input embeddings."})
+    use_position_bias: bool = field(default=False, metadata={"help": "Relative position attention bias."})
     use_time_bias: bool = False
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32
@@ -130,6 +132,8 @@ class TrainingRecipe:
             hidden_dropout_prob=self.hidden_dropout_prob,
             attention_dropout=self.attention_dropout,
             max_position_embeddings=self.max_length,
+            embedding_norm=self.embedding_norm,
+            use_position_bias=self.use_position_bias,
             use_time_bias=self.use_time_bias,
             use_time_gap_embedding=self.use_time_gap_embedding,
             time_num_buckets=self.time_num_buckets,

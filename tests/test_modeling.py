@@ -110,6 +110,56 @@ def test_timestamps_required_when_time_bias_on():
         model(**random_batch())
 
 
+def position_model(attn_implementation="sdpa", **overrides):
+    """Relative position bias + embedding LayerNorm, with a non-trivial (random) bias table."""
+    model = make_model(
+        use_position_bias=True, embedding_norm=True, attn_implementation=attn_implementation, **overrides
+    )
+    torch.manual_seed(11)
+    for layer in model.model.layers:
+        layer.position_bias.weight.data.normal_()
+    return model
+
+
+def test_position_bias_is_causal_padding_invariant_and_backend_independent():
+    model = position_model()
+    batch = random_batch(batch=2, length=6)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][:, 4:] = torch.randint(2, 40, changed["input_ids"][:, 4:].shape)
+    torch.testing.assert_close(model(**batch).logits[:, :4], model(**changed).logits[:, :4])
+
+    pad = 4
+    padded = {k: F.pad(v, (pad, 0), value=0) for k, v in batch.items()}
+    torch.testing.assert_close(model(**batch).logits, model(**padded).logits[:, pad:], atol=1e-5, rtol=1e-5)
+
+    eager = position_model(attn_implementation="eager")
+    torch.testing.assert_close(model(**padded).logits, eager(**padded).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_position_bias_matters_and_starts_as_twin():
+    batch = random_batch()
+    with_bias = position_model()
+    zeroed = make_model(use_position_bias=True, embedding_norm=True)
+    plain = make_model(embedding_norm=True)
+    # zero at init: identical to the model without the bias
+    plain.load_state_dict(zeroed.state_dict(), strict=False)
+    torch.testing.assert_close(zeroed(**batch).logits, plain(**batch).logits)
+    assert not torch.allclose(with_bias(**batch).logits, zeroed(**batch).logits)
+    # the bias depends on distance: reversing the history changes the last output
+    reversed_batch = dict(batch, input_ids=batch["input_ids"].flip(-1))
+    assert not torch.allclose(with_bias(**batch).logits[:, -1], with_bias(**reversed_batch).logits[:, -1])
+
+
+def test_embedding_norm_normalises_the_input():
+    model = make_model(embedding_norm=True, num_hidden_layers=1)
+    captured = {}
+    model.model.embed_dropout.register_forward_hook(lambda mod, args, out: captured.setdefault("x", out))
+    model(**random_batch())
+    x = captured["x"]
+    torch.testing.assert_close(x.mean(-1), torch.zeros_like(x.mean(-1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(-1, unbiased=False), torch.ones_like(x.mean(-1)), atol=1e-2, rtol=0)
+
+
 def reference_loss(model, batch, labels):
     """Direct computation: logits everywhere, shift, drop -100/special targets, CE without special columns."""
     logits = model(**batch).logits[:, :-1].float()
