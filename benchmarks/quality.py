@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output-root", default="outputs/quality")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    parser.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="set_overrides",
+        help="like the positional overrides, but usable after --seeds/--variant (which swallow what follows)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    args.overrides = args.overrides + args.set_overrides
     variants = args.variant or [["default"]]
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
