@@ -1,0 +1,77 @@
+"""benchmarks/quality.py and benchmarks/ablations.py end to end on a tiny synthetic recipe."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import pytest
+from conftest import REPO_ROOT, TINY
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import ablations  # noqa: E402
+import quality  # noqa: E402
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("\n".join(pair.replace("=", ": ", 1) for pair in TINY) + "\nnum_epochs: 2\n")
+    return path
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    monkeypatch.setattr(quality, "RESULTS", out)
+    monkeypatch.setattr(ablations, "RESULTS", out)
+    return out
+
+
+def test_quality_runs_seeds_and_variants_and_summarises_them(recipe, results_dir, tmp_path):
+    argv = ["--recipe", str(recipe), "--name", "tiny", "--seeds", "1", "2", "--output-root", str(tmp_path / "runs"),
+            "--variant", "small", "--variant", "wider", "hidden_size=48", "--set", "num_epochs=1"]  # fmt: skip
+    assert quality.main(argv) == 0
+    results = json.loads((results_dir / "quality.json").read_text())
+    assert set(results) == {"tiny/small", "tiny/wider"}
+    for key, entry in results.items():
+        runs = entry["runs"]
+        assert len(runs) == 2 and entry["seeds"] == [1, 2]
+        ndcg = [r["test"]["NDCG@10"] for r in runs]
+        assert entry["summary"]["NDCG@10"]["mean"] == pytest.approx(statistics.fmean(ndcg))
+        assert entry["summary"]["NDCG@10"]["std"] == pytest.approx(statistics.stdev(ndcg))
+        # each run is its own training output, with its own seed and the variant's overrides
+        variant = key.split("/")[1]
+        for seed in (1, 2):
+            metrics = json.loads((tmp_path / "runs" / "tiny" / variant / f"seed{seed}" / "metrics.json").read_text())
+            assert metrics["recipe"]["seed"] == seed
+            assert metrics["recipe"]["num_epochs"] == 1
+            assert metrics["recipe"]["hidden_size"] == (48 if variant == "wider" else 32)
+            assert metrics["test"]["NDCG@10"] in ndcg
+    table = (results_dir / "quality.md").read_text()
+    assert "| small | 2 |" in table and "| wider | 2 |" in table
+    mean = results["tiny/small"]["summary"]["NDCG@10"]["mean"]
+    assert f"{mean:.4f}" in table
+
+
+def test_ablations_train_variants_and_collect_existing_runs(recipe, results_dir, tmp_path):
+    root = tmp_path / "abl"
+    argv = ["--recipe", str(recipe), "--name", "tiny", "--epochs", "2", "--output-root", str(root),
+            "--variant", "base", "--variant", "norm", "embedding_norm=true"]  # fmt: skip
+    assert ablations.main(argv) == 0
+    config = json.loads((root / "tiny" / "norm" / "config.json").read_text())
+    assert config["embedding_norm"] is True
+    curve = ablations.validation_curve(root / "tiny" / "norm")
+    assert [row["epoch"] for row in curve] == [0, 1]
+
+    assert ablations.main(["--name", "tiny", "--collect", f"again={root / 'tiny' / 'base'}", "made by hand"]) == 0
+    results = json.loads((results_dir / "ablations.json").read_text())
+    assert set(results) == {"tiny/base", "tiny/norm", "tiny/again"}
+    assert results["tiny/again"]["curve"] == results["tiny/base"]["curve"]
+    table = (results_dir / "ablations.md").read_text()
+    best = max(row["NDCG@10"] for row in curve)
+    assert "| norm | " in table and f"{best:.4f}" in table and "made by hand" in table
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ablations.validation_curve(tmp_path / "nowhere")
