@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from seqrec_hf.train import load_recipe, parse_overrides, train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+CARDS = HERE.parent / "model_cards"
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
 # Published full-ranking anchors (../shared/docs/benchmarks.md); quoted, not re-run.
@@ -66,13 +68,60 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def dataset_key(name: str) -> str:
+    """'ML-1M-half' (baselines.json) and 'ml1m-half' (--name) name the same data."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def baseline_results(dataset: str) -> dict[str, dict]:
+    """{baseline name: test metrics} of a dataset from benchmarks/results/baselines.json."""
+    path = RESULTS / "baselines.json"
+    rows = json.loads(path.read_text()).get("results", []) if path.is_file() else []
+    return {
+        r["baseline"]: r["metrics"]
+        for r in rows
+        if r["split"] == "test" and dataset_key(r["dataset"]) == dataset_key(dataset)
+    }
+
+
+def write_card(entry: dict, output_root: str) -> Path:
+    """Card of the seed with the best validation NDCG@10 (never chosen on test) -> model_cards/<name>.md.
+
+    The card is the checkpoint's own (its metrics.json, config, curve) plus the spread over all seeds.
+    """
+    from seqrec_hf.modelcard import render_model_card_for_folder
+
+    best = max(range(len(entry["runs"])), key=lambda i: entry["runs"][i]["validation"]["NDCG@10"])
+    seed = entry["seeds"][best]
+    folder = Path(output_root) / entry["dataset"] / entry["variant"] / f"seed{seed}"
+    slug = entry["dataset"] if entry["variant"] == "default" else f"{entry['dataset']}-{entry['variant']}"
+    cards = CARDS
+    plot = None
+    if (folder / "training_curve.png").is_file():
+        plot = f"{slug}.png"
+        shutil.copy(folder / "training_curve.png", cards / plot)
+    text = render_model_card_for_folder(
+        folder, baselines=baseline_results(entry["dataset"]), model_name=f"seqrec-hf {slug}", plot=plot
+    )
+    s = entry["summary"]
+    rows = "\n".join(f"| {m} | {s[m]['mean']:.4f} ± {s[m]['std']:.4f} |" for m in METRICS)
+    text += (
+        f"\n\n## Across seeds\n\nThis checkpoint is seed {seed} of {entry['seeds']}, picked on validation NDCG@10. "
+        f"Test metrics over all {len(entry['seeds'])} seeds (mean ± std), from `{entry['command']}` "
+        f"(commit {entry['commit']}):\n\n| metric | test |\n|---|---|\n{rows}\n"
+    )
+    path = cards / f"{slug}.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def render(results: dict) -> str:
     baselines: dict[str, dict[str, dict]] = {}  # dataset name (lower case) -> baseline -> test metrics
     path = RESULTS / "baselines.json"
     if path.is_file():
         for row in json.loads(path.read_text()).get("results", []):
             if row["split"] == "test":
-                baselines.setdefault(row["dataset"].lower(), {})[row["baseline"]] = row["metrics"]
+                baselines.setdefault(dataset_key(row["dataset"]), {})[row["baseline"]] = row["metrics"]
     lines = [
         "# Quality: full-ranking test metrics (mean ± std over seeds)",
         "",
@@ -93,7 +142,7 @@ def render(results: dict) -> str:
                 + " | ".join(cells)
                 + f" | {s['validation NDCG@10']['mean']:.4f} | {s['train_seconds']['mean']:.0f} |"
             )
-        for name, values in baselines.get(dataset.lower(), {}).items():
+        for name, values in baselines.get(dataset_key(dataset), {}).items():
             cells = [f"{values[m]:.4f}" if m in values else "-" for m in METRICS]
             lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - | - |")
         for name, hr, ndcg in ANCHORS.get(dataset, []):
@@ -110,7 +159,7 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--recipe", help="training recipe (YAML); not needed with --cards-only")
     parser.add_argument("--name", required=True, help="dataset name in the results (beauty, sports, ml1m-half, ...)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument(
@@ -121,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         help="a named variant with recipe overrides; repeatable (default: the recipe as is)",
     )
     parser.add_argument("--output-root", default="outputs/quality")
+    parser.add_argument("--cards", action="store_true", help="write model_cards/<name>.md for the best seed")
+    parser.add_argument(
+        "--cards-only", action="store_true", help="only (re)write the cards of --name from quality.json and the runs"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     parser.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="set_overrides",
@@ -132,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "quality.json"
+    if args.cards_only:
+        results = json.loads(store.read_text()) if store.is_file() else {}
+        entries = [e for e in results.values() if e["dataset"] == args.name]
+        if not entries:
+            parser.error(f"{store} has no results for {args.name!r}: run without --cards-only first")
+        for entry in entries:
+            print(write_card(entry, entry.get("output_root", args.output_root)))
+        return 0
+    if not args.recipe:
+        parser.error("--recipe is required (unless --cards-only)")
     for variant in variants:
         name, extra = variant[0], parse_overrides(variant[1:])
         runs = []
@@ -154,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "summary": summarise(runs),
             "command": command,
+            "output_root": args.output_root,
             "commit": git_commit(),
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
@@ -165,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{args.name}/{name}"] = entry
             store.write_text(json.dumps(results, indent=2))
             (RESULTS / "quality.md").write_text(render(results))
+        if args.cards:
+            print(write_card(entry, args.output_root))
     return 0
 
 

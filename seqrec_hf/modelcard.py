@@ -246,6 +246,8 @@ def render_model_card(
         "hidden_act",
         "hidden_dropout_prob",
         "attention_dropout",
+        "embedding_norm",
+        "use_position_bias",
         "use_time_bias",
         "use_time_gap_embedding",
         "time_num_buckets",

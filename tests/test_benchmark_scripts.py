@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT, TINY
+from huggingface_hub import ModelCard
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import ablations  # noqa: E402
@@ -26,6 +27,8 @@ def results_dir(tmp_path, monkeypatch):
     out = tmp_path / "results"
     monkeypatch.setattr(quality, "RESULTS", out)
     monkeypatch.setattr(ablations, "RESULTS", out)
+    monkeypatch.setattr(quality, "CARDS", tmp_path / "cards")
+    (tmp_path / "cards").mkdir()
     return out
 
 
@@ -53,6 +56,16 @@ def test_quality_runs_seeds_and_variants_and_summarises_them(recipe, results_dir
     assert "| small | 2 |" in table and "| wider | 2 |" in table
     mean = results["tiny/small"]["summary"]["NDCG@10"]["mean"]
     assert f"{mean:.4f}" in table
+
+    # the card of the best seed (on validation), with the spread over seeds
+    assert quality.main(["--name", "tiny", "--cards-only"]) == 0
+    runs = results["tiny/wider"]["runs"]
+    best_seed = [1, 2][max(range(2), key=lambda i: runs[i]["validation"]["NDCG@10"])]
+    card = ModelCard.load(tmp_path / "cards" / "tiny-wider.md")
+    assert f"This checkpoint is seed {best_seed} of [1, 2]" in card.text
+    assert f"{results['tiny/wider']['summary']['NDCG@10']['mean']:.4f}" in card.text
+    assert card.data.to_dict()["model-index"]
+    assert (tmp_path / "cards" / "tiny-small.png").is_file()
 
 
 def test_ablations_train_variants_and_collect_existing_runs(recipe, results_dir, tmp_path):
