@@ -13,6 +13,7 @@ the git commit and the exact command of each entry. Baselines come from benchmar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -66,6 +67,18 @@ def summarise(runs: list[dict]) -> dict:
     out["validation NDCG@10"] = {"mean": statistics.fmean(values), "std": spread}
     out["train_seconds"] = {"mean": statistics.fmean(r["train_seconds"] for r in runs), "std": 0.0}
     return out
+
+
+def finished_run(path: Path, recipe) -> dict:
+    """The metrics.json of a finished run, if it was trained with exactly `recipe` (output_dir aside)."""
+    result = json.loads(path.read_text())
+    recorded, wanted = result.get("recipe") or {}, dataclasses.asdict(recipe)
+    differ = sorted(k for k in wanted if k != "output_dir" and recorded.get(k) != wanted[k])
+    if differ:
+        details = ", ".join(f"{k}: {recorded.get(k)!r} there, {wanted[k]!r} here" for k in differ)
+        raise ValueError(f"{path}: trained with another recipe ({details}); remove it or drop --reuse")
+    result.setdefault("wall_seconds", result.get("train_seconds"))
+    return result
 
 
 def dataset_key(name: str) -> str:
@@ -170,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a named variant with recipe overrides; repeatable (default: the recipe as is)",
     )
     parser.add_argument("--output-root", default="outputs/quality")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="take a seed's finished run (its metrics.json, same recipe) instead of training it again: lets seeds"
+        " run in separate processes, then be collected into one entry",
+    )  # fmt: skip
     parser.add_argument("--cards", action="store_true", help="write model_cards/<name>.md for the best seed")
     parser.add_argument(
         "--cards-only", action="store_true", help="only (re)write the cards of --name from quality.json and the runs"
@@ -202,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {**parse_overrides(args.overrides), **extra, "seed": seed}
             overrides["output_dir"] = os.path.join(args.output_root, args.name, name, f"seed{seed}")
             recipe = load_recipe(args.recipe, overrides)
-            start = time.time()
-            result = train(recipe)
-            result["wall_seconds"] = time.time() - start
+            done = Path(recipe.output_dir) / "metrics.json"
+            if args.reuse and done.is_file():
+                result = finished_run(done, recipe)
+            else:
+                start = time.time()
+                result = train(recipe)
+                result["wall_seconds"] = time.time() - start
             runs.append({k: result[k] for k in ("test", "validation", "train_seconds", "best_step", "wall_seconds")})
             print(f"{args.name}/{name} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f} "
                   f"HR@10 {result['test']['HR@10']:.4f}", flush=True)  # fmt: skip

@@ -88,3 +88,32 @@ def test_ablations_train_variants_and_collect_existing_runs(recipe, results_dir,
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ablations.validation_curve(tmp_path / "nowhere")
+
+
+def test_quality_reuse_collects_seeds_trained_separately(recipe, results_dir, tmp_path, monkeypatch):
+    common = [
+        "--recipe",
+        str(recipe),
+        "--name",
+        "tiny",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--set",
+        "num_epochs=1",
+    ]
+    assert quality.main(common + ["--seeds", "1"]) == 0
+    assert quality.main(common + ["--seeds", "2"]) == 0
+    separate = [json.loads((tmp_path / "runs" / "tiny" / "default" / f"seed{s}" / "metrics.json").read_text())
+                for s in (1, 2)]  # fmt: skip
+
+    def no_training(recipe):
+        raise AssertionError("--reuse must not train a seed that has finished")
+
+    monkeypatch.setattr(quality, "train", no_training)
+    assert quality.main(common + ["--seeds", "1", "2", "--reuse"]) == 0
+    entry = json.loads((results_dir / "quality.json").read_text())["tiny/default"]
+    assert entry["seeds"] == [1, 2]
+    assert [r["test"] for r in entry["runs"]] == [m["test"] for m in separate]
+
+    with pytest.raises(ValueError, match="hidden_size: 32 there, 48 here"):
+        quality.main(common + ["--seeds", "1", "--reuse", "--set", "hidden_size=48"])
