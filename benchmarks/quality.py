@@ -114,7 +114,11 @@ def write_card(entry: dict, output_root: str) -> Path:
         plot = f"{slug}.png"
         shutil.copy(folder / "training_curve.png", cards / plot)
     text = render_model_card_for_folder(
-        folder, baselines=baseline_results(entry["dataset"]), model_name=f"seqrec-hf {slug}", plot=plot
+        folder,
+        baselines=baseline_results(entry["dataset"]),
+        model_name=f"seqrec-hf {slug}",
+        plot=plot,
+        dataset=entry["dataset"],
     )
     s = entry["summary"]
     rows = "\n".join(f"| {m} | {s[m]['mean']:.4f} ± {s[m]['std']:.4f} |" for m in METRICS)
