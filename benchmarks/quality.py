@@ -49,8 +49,10 @@ ANCHORS = {
 def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=HERE).stdout.strip()  # fmt: skip
+        # results and cards are this script's outputs, not inputs: their edits do not make the code dirty
+        outputs = [":(top,exclude)benchmarks/results", ":(top,exclude)model_cards"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *outputs],
+                               capture_output=True, text=True, cwd=HERE).stdout.strip()  # fmt: skip
         return commit + (" + uncommitted changes" if dirty else "")
     except OSError:
         return "unknown"
