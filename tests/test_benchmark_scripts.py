@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 
 import pytest
 from conftest import REPO_ROOT, TINY
 from huggingface_hub import ModelCard
+
+from seqrec_hf import SeqRecConfig
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import ablations  # noqa: E402
@@ -117,3 +120,21 @@ def test_quality_reuse_collects_seeds_trained_separately(recipe, results_dir, tm
 
     with pytest.raises(ValueError, match="hidden_size: 32 there, 48 here"):
         quality.main(common + ["--seeds", "1", "--reuse", "--set", "hidden_size=48"])
+
+
+def test_gpu_benchmark_runs_on_cpu_and_counts_flops(tmp_path):
+    import gpu
+
+    config = SeqRecConfig(vocab_size=102, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=8)  # fmt: skip
+    # 6 x block params (2 x (4*16*16 + 2*16*64) = 6144) + 12 x 2 x 16 x 8 (attention) + 6 x 16 x (10 + 1) (loss)
+    assert gpu.model_flops_per_token(config, length=8, candidates=10) == 6 * 6144 + 3072 + 1056
+    argv = ["--device", "cpu", "--hidden-size", "16", "--layers", "1", "--heads", "2", "--length", "8",
+            "--items", "200", "--negatives", "16", "--batch", "4", "--steps", "2", "--matmul-size", "128",
+            "--output", str(tmp_path)]  # fmt: skip
+    assert gpu.main(argv) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["tokens_per_second"] > 0 and result["mfu"] > 0
+    assert all(math.isfinite(v) for v in result["loss_first_last"])
+    assert result["config"]["items"] == 200 and "gpu.py --device cpu" in result["command"]
+    assert "| tokens/s |" in (tmp_path / "gpu.md").read_text()
