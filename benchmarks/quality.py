@@ -135,12 +135,6 @@ def write_card(entry: dict, output_root: str) -> Path:
 
 
 def render(results: dict) -> str:
-    baselines: dict[str, dict[str, dict]] = {}  # dataset name (lower case) -> baseline -> test metrics
-    path = RESULTS / "baselines.json"
-    if path.is_file():
-        for row in json.loads(path.read_text()).get("results", []):
-            if row["split"] == "test":
-                baselines.setdefault(dataset_key(row["dataset"]), {})[row["baseline"]] = row["metrics"]
     lines = [
         "# Quality: full-ranking test metrics (mean ± std over seeds)",
         "",
@@ -161,7 +155,7 @@ def render(results: dict) -> str:
                 + " | ".join(cells)
                 + f" | {s['validation NDCG@10']['mean']:.4f} | {s['train_seconds']['mean']:.0f} |"
             )
-        for name, values in baselines.get(dataset_key(dataset), {}).items():
+        for name, values in baseline_results(dataset).items():
             cells = [f"{values[m]:.4f}" if m in values else "-" for m in METRICS]
             lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - | - |")
         for name, hr, ndcg in ANCHORS.get(dataset, []):
