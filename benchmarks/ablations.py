@@ -15,7 +15,6 @@ benchmarks/results/ablations.json and ablations.md is rewritten from it.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from seqrec_hf.train import load_recipe, parse_overrides, train
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from quality import git_commit  # noqa: E402
+from quality import git_commit, merge_results  # noqa: E402
 
 
 def validation_curve(run_dir: str | os.PathLike) -> list[dict]:
@@ -74,15 +73,7 @@ def render(results: dict) -> str:
 
 
 def store(entries: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "ablations.json"
-    with open(RESULTS / ".quality.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(path.read_text()) if path.is_file() else {}
-        for entry in entries:
-            results[f"{entry['dataset']}/{entry['variant']}"] = entry
-        path.write_text(json.dumps(results, indent=2))
-        (RESULTS / "ablations.md").write_text(render(results))
+    merge_results(RESULTS / "ablations.json", {f"{e['dataset']}/{e['variant']}": e for e in entries}, render)
 
 
 def main(argv: list[str] | None = None) -> int:

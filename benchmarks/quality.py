@@ -83,6 +83,18 @@ def finished_run(path: Path, recipe) -> dict:
     return result
 
 
+def merge_results(store: Path, entries: dict, render_fn) -> None:
+    """Merge `entries` into the JSON `store` and rewrite its .md twin, under a lock: several benchmark
+    invocations (one per dataset or variant) may run side by side and must not drop each other's results."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.parent / ".quality.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(store.read_text()) if store.is_file() else {}
+        results.update(entries)
+        store.write_text(json.dumps(results, indent=2))
+        store.with_suffix(".md").write_text(render_fn(results))
+
+
 def dataset_key(name: str) -> str:
     """'ML-1M-half' (baselines.json) and 'ml1m-half' (--name) name the same data."""
     return name.lower().replace("-", "").replace("_", "")
@@ -244,13 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
         }
-        # Read-merge-write under a lock: several invocations (one per dataset) may run side by side.
-        with open(RESULTS / ".quality.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            results = json.loads(store.read_text()) if store.is_file() else {}
-            results[f"{args.name}/{name}"] = entry
-            store.write_text(json.dumps(results, indent=2))
-            (RESULTS / "quality.md").write_text(render(results))
+        merge_results(store, {f"{args.name}/{name}": entry}, render)
         if args.cards:
             print(write_card(entry, args.output_root))
     return 0
