@@ -29,6 +29,15 @@ class SeqRecConfig(PreTrainedConfig):
         embedding_norm: LayerNorm on the summed input embeddings before dropout (as in S3-Rec/BSARec). The
             residual stream then starts at unit scale instead of the tiny initial embeddings, which makes the
             item signal visible to the first block from the first step.
+        norm_style: Where each block normalises. `"pre"`: x + f(LN(x)) (GPT-2/SASRec, stable at any depth).
+            `"post"`: LN(x + f(x)) (BERT/S3-Rec/BSARec; every block hands on a unit-scale state, which suits
+            the shallow, heavily regularised models of small recommendation datasets).
+        filter_mix: Weight alpha of a causal low-pass filter branch mixed with attention in every block:
+            alpha * filter(x) + (1 - alpha) * attention(x). 0 turns it off. The filter is
+            low + beta^2 * (x - low) with `low` the mean of the last `filter_window` events and beta a learned
+            per-channel gain: a causal version of BSARec's frequency branch (BSARec filters the whole
+            sequence with an FFT, which would let each position see its future in a sequence-wise loss).
+        filter_window: Events averaged by the low-pass filter (0: the whole history up to each position).
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal weight initialisation.
         tie_word_embeddings: Score items with the item embedding matrix (the output layer is tied to the
@@ -71,6 +80,9 @@ class SeqRecConfig(PreTrainedConfig):
     attention_dropout: float = 0.2
     max_position_embeddings: int = 200
     embedding_norm: bool = False
+    norm_style: str = "pre"
+    filter_mix: float = 0.0
+    filter_window: int = 0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
@@ -126,6 +138,14 @@ class SeqRecConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"SeqRecConfig.{name} must be in [0, 1), got {value!r}")
+        if self.norm_style not in ("pre", "post"):
+            raise ValueError(f"SeqRecConfig.norm_style must be 'pre' or 'post', got {self.norm_style!r}")
+        if isinstance(self.filter_mix, bool) or not isinstance(self.filter_mix, (int, float)):
+            raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {self.filter_mix!r}")
+        if not 0.0 <= self.filter_mix <= 1.0:
+            raise ValueError(f"SeqRecConfig.filter_mix must be in [0, 1], got {self.filter_mix!r}")
+        if isinstance(self.filter_window, bool) or not isinstance(self.filter_window, int) or self.filter_window < 0:
+            raise ValueError(f"SeqRecConfig.filter_window must be a non-negative integer, got {self.filter_window!r}")
         for name in ("layer_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:

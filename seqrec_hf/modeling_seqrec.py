@@ -206,11 +206,42 @@ class SeqRecTimeGapEmbedding(nn.Module):
         return F.embedding(buckets, self.weight)  # (B, T, d)
 
 
+def causal_window_mean(hidden_states: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of each position's last `window` real events, itself included (0: all of them); padding ignored.
+
+    Prefix sums make it O(T * d) and, because only real events count, left padding changes nothing.
+    """
+    weight = valid.to(torch.float32)[..., None]  # (B, T, 1)
+    sums = (hidden_states.float() * weight).cumsum(1)
+    counts = weight.cumsum(1)
+    seq_len = hidden_states.shape[1]
+    if 0 < window < seq_len:
+        sums = sums - F.pad(sums, (0, 0, window, 0))[:, :seq_len]
+        counts = counts - F.pad(counts, (0, 0, window, 0))[:, :seq_len]
+    return (sums / counts.clamp(min=1.0)).to(hidden_states.dtype)
+
+
+class SeqRecLowPassFilter(nn.Module):
+    """low + beta^2 * (x - low), `low` a causal moving average: keeps the slow trend of the history and
+    rescales what changes from event to event, per channel (beta = 1 at init: the identity)."""
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__()
+        self.window = config.filter_window
+        self.sqrt_beta = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        low = causal_window_mean(hidden_states, valid, self.window)
+        return low + self.sqrt_beta.square() * (hidden_states - low)
+
+
 class SeqRecBlock(nn.Module):
-    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Transformer block. Pre-norm: x + Attn(LN(x)), then x + MLP(LN(x)); post-norm: LN(x + Attn(x)), then
+    LN(x + MLP(x)). With `filter_mix` > 0 the attention output is blended with a causal low-pass filter."""
 
     def __init__(self, config: SeqRecConfig, layer_idx: int):
         super().__init__()
+        self.pre_norm = config.norm_style == "pre"
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = SeqRecAttention(config, layer_idx)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -218,17 +249,30 @@ class SeqRecBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.time_bias = SeqRecTimeBias(config) if config.use_time_bias else None
         self.position_bias = SeqRecPositionBias(config) if config.use_position_bias else None
+        self.filter_mix = config.filter_mix
+        self.low_pass = SeqRecLowPassFilter(config) if config.filter_mix > 0 else None
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, time_buckets: torch.Tensor | None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        time_buckets: torch.Tensor | None,
+        valid: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.time_bias is not None and time_buckets is not None:
             attention_mask = attention_mask + self.time_bias(time_buckets)
         if self.position_bias is not None:
             attention_mask = attention_mask + self.position_bias(hidden_states.shape[1], hidden_states.device)
-        attn_output, attn_weights = self.self_attn(self.attn_norm(hidden_states), attention_mask)
-        hidden_states = hidden_states + self.dropout(attn_output)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        inputs = self.attn_norm(hidden_states) if self.pre_norm else hidden_states
+        mixed, attn_weights = self.self_attn(inputs, attention_mask)
+        if self.low_pass is not None:
+            mixed = self.filter_mix * self.low_pass(inputs, valid) + (1.0 - self.filter_mix) * mixed
+        hidden_states = hidden_states + self.dropout(mixed)
+        if self.pre_norm:
+            hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        else:
+            hidden_states = self.attn_norm(hidden_states)
+            hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
         return hidden_states, attn_weights
 
 
@@ -298,6 +342,8 @@ class SeqRecPreTrainedModel(PreTrainedModel):
         if isinstance(module, (SeqRecTimeBias, SeqRecTimeGapEmbedding, SeqRecPositionBias)):
             # Zero bias at init: a time-aware model starts as its time-blind twin and learns what gaps mean.
             init.zeros_(module.weight)
+        if isinstance(module, SeqRecLowPassFilter):
+            init.ones_(module.sqrt_beta)  # beta = 1: the filter starts as the identity
 
 
 class SeqRecModel(SeqRecPreTrainedModel):
@@ -400,7 +446,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, mask, time_buckets)
+            hidden_states, attn_weights = layer(hidden_states, mask, time_buckets, valid)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             if output_attentions:

@@ -76,6 +76,9 @@ class TrainingRecipe:
     attention_dropout: float = 0.2
     embedding_norm: bool = field(default=False, metadata={"help": "LayerNorm on the input embeddings."})
     use_position_bias: bool = field(default=False, metadata={"help": "Relative position attention bias."})
+    norm_style: str = field(default="pre", metadata={"help": "'pre' or 'post' LayerNorm in each block."})
+    filter_mix: float = field(default=0.0, metadata={"help": "Weight of the causal low-pass branch (0: off)."})
+    filter_window: int = field(default=0, metadata={"help": "Events the low-pass filter averages (0: all)."})
     use_time_bias: bool = False
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32
@@ -134,6 +137,9 @@ class TrainingRecipe:
             max_position_embeddings=self.max_length,
             embedding_norm=self.embedding_norm,
             use_position_bias=self.use_position_bias,
+            norm_style=self.norm_style,
+            filter_mix=self.filter_mix,
+            filter_window=self.filter_window,
             use_time_bias=self.use_time_bias,
             use_time_gap_embedding=self.use_time_gap_embedding,
             time_num_buckets=self.time_num_buckets,

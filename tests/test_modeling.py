@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import make_model
 
 from seqrec_hf import SeqRecForNextItemPrediction, SeqRecModel
-from seqrec_hf.modeling_seqrec import time_gap_buckets
+from seqrec_hf.modeling_seqrec import causal_window_mean, time_gap_buckets
 
 
 def random_batch(batch=3, length=10, vocab=40, seed=1, times=False):
@@ -158,6 +158,75 @@ def test_embedding_norm_normalises_the_input():
     x = captured["x"]
     torch.testing.assert_close(x.mean(-1), torch.zeros_like(x.mean(-1)), atol=1e-5, rtol=0)
     torch.testing.assert_close(x.std(-1, unbiased=False), torch.ones_like(x.mean(-1)), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 50])
+def test_causal_window_mean_matches_a_direct_loop(window):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 4, generator=g)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :3] = False  # left padding: never averaged
+    out = causal_window_mean(x, valid, window)
+    for b in range(2):
+        real = [t for t in range(7) if valid[b, t]]
+        for i, t in enumerate(real):
+            last = real[: i + 1] if window == 0 else real[max(0, i + 1 - window) : i + 1]
+            torch.testing.assert_close(out[b, t], x[b, last].mean(0))
+
+
+def filter_model(attn_implementation="sdpa", **overrides):
+    """Post-norm blocks with the low-pass branch, its gains made non-trivial."""
+    model = make_model(
+        norm_style="post", filter_mix=0.6, filter_window=3, embedding_norm=True,
+        attn_implementation=attn_implementation, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(12)
+    for layer in model.model.layers:
+        layer.low_pass.sqrt_beta.data.uniform_(0.2, 1.5)
+    return model
+
+
+def test_post_norm_filter_model_is_causal_padding_invariant_and_backend_independent():
+    model = filter_model()
+    batch = random_batch(batch=2, length=6)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][:, 4:] = torch.randint(2, 40, changed["input_ids"][:, 4:].shape)
+    a, b = model(**batch).logits, model(**changed).logits
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+    pad = 4
+    padded = {k: F.pad(v, (pad, 0), value=0) for k, v in batch.items()}
+    torch.testing.assert_close(model(**batch).logits, model(**padded).logits[:, pad:], atol=1e-5, rtol=1e-5)
+
+    eager = filter_model(attn_implementation="eager")
+    torch.testing.assert_close(model(**padded).logits, eager(**padded).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_filter_branch_and_norm_style_change_the_output():
+    batch = random_batch()
+    base = make_model(norm_style="post", seed=4)
+    filtered = make_model(norm_style="post", filter_mix=0.5, filter_window=2, seed=4)
+    filtered.load_state_dict(base.state_dict(), strict=False)
+    assert not torch.allclose(base(**batch).logits, filtered(**batch).logits)
+    pre = make_model(seed=4)
+    pre.load_state_dict(base.state_dict())  # same weights, other normalisation order
+    assert not torch.allclose(base(**batch).logits, pre(**batch).logits)
+    # beta = 1 at init: the filter is the identity, so the branch passes its input through
+    layer = filtered.model.layers[0]
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(layer.low_pass(x, torch.ones(2, 5, dtype=torch.bool)), x)
+
+
+def test_bad_norm_style_and_filter_fields_are_named():
+    from seqrec_hf import SeqRecConfig
+
+    with pytest.raises(ValueError, match="norm_style"):
+        SeqRecConfig(norm_style="sandwich")
+    with pytest.raises(ValueError, match="filter_mix"):
+        SeqRecConfig(filter_mix=1.5)
+    with pytest.raises(ValueError, match="filter_window"):
+        SeqRecConfig(filter_window=-1)
 
 
 def reference_loss(model, batch, labels):
