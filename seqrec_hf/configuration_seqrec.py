@@ -37,6 +37,9 @@ class SeqRecConfig(PreTrainedConfig):
             low + beta^2 * (x - low) with `low` the mean of the last `filter_window` events and beta a learned
             per-channel gain: a causal version of BSARec's frequency branch (BSARec filters the whole
             sequence with an FFT, which would let each position see its future in a sequence-wise loss).
+        item_dropout: Training-time augmentation: each real input event is replaced by the unknown-item token
+            with this probability (targets are untouched). Like word dropout, it makes the model predict from
+            incomplete histories instead of leaning on one recent item; off at evaluation.
         filter_window: Events averaged by the low-pass filter (0: the whole history up to each position).
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal weight initialisation.
@@ -83,6 +86,7 @@ class SeqRecConfig(PreTrainedConfig):
     norm_style: str = "pre"
     filter_mix: float = 0.0
     filter_window: int = 0
+    item_dropout: float = 0.0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
@@ -134,7 +138,7 @@ class SeqRecConfig(PreTrainedConfig):
                 f"SeqRecConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        for name in ("hidden_dropout_prob", "attention_dropout"):
+        for name in ("hidden_dropout_prob", "attention_dropout", "item_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"SeqRecConfig.{name} must be in [0, 1), got {value!r}")

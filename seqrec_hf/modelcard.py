@@ -251,6 +251,7 @@ def render_model_card(
         "norm_style",
         "filter_mix",
         "filter_window",
+        "item_dropout",
         "use_time_bias",
         "use_time_gap_embedding",
         "time_num_buckets",

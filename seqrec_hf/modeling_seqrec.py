@@ -419,6 +419,9 @@ class SeqRecModel(SeqRecPreTrainedModel):
         batch, seq_len = input_ids.shape
         valid = attention_mask.bool()
 
+        if self.training and self.config.item_dropout > 0:
+            dropped = valid & (torch.rand(input_ids.shape, device=input_ids.device) < self.config.item_dropout)
+            input_ids = input_ids.masked_fill(dropped, self.config.unk_token_id)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # first real event -> 0
         hidden_states = self.embed_items(input_ids) + self.embed_positions(position_ids)
         if self.embed_time_gaps is not None:

@@ -79,6 +79,7 @@ class TrainingRecipe:
     norm_style: str = field(default="pre", metadata={"help": "'pre' or 'post' LayerNorm in each block."})
     filter_mix: float = field(default=0.0, metadata={"help": "Weight of the causal low-pass branch (0: off)."})
     filter_window: int = field(default=0, metadata={"help": "Events the low-pass filter averages (0: all)."})
+    item_dropout: float = field(default=0.0, metadata={"help": "Replace input events by UNK at this rate."})
     use_time_bias: bool = False
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32
@@ -140,6 +141,7 @@ class TrainingRecipe:
             norm_style=self.norm_style,
             filter_mix=self.filter_mix,
             filter_window=self.filter_window,
+            item_dropout=self.item_dropout,
             use_time_bias=self.use_time_bias,
             use_time_gap_embedding=self.use_time_gap_embedding,
             time_num_buckets=self.time_num_buckets,

@@ -229,6 +229,29 @@ def test_bad_norm_style_and_filter_fields_are_named():
         SeqRecConfig(filter_window=-1)
 
 
+def test_item_dropout_replaces_inputs_in_training_only():
+    model = make_model(item_dropout=0.5, seed=2)
+    seen = []
+    model.model.embed_items.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    batch = random_batch(batch=4, length=12)
+    batch["attention_mask"][:, :2] = 0
+    batch["input_ids"][:, :2] = 0
+    evaluated = model(**batch).logits
+    assert torch.equal(seen[-1], batch["input_ids"])  # eval mode: untouched
+    model.train()
+    torch.manual_seed(0)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    loss = model(**batch, labels=labels).loss
+    ids = seen[-1]
+    replaced = ids != batch["input_ids"]
+    assert (ids[replaced] == model.config.unk_token_id).all()
+    assert not replaced[:, :2].any()  # padding is never replaced
+    assert 0.3 < replaced[:, 2:].float().mean() < 0.7
+    assert torch.isfinite(loss)
+    model.eval()
+    torch.testing.assert_close(model(**batch).logits, evaluated)
+
+
 def reference_loss(model, batch, labels):
     """Direct computation: logits everywhere, shift, drop -100/special targets, CE without special columns."""
     logits = model(**batch).logits[:, :-1].float()
