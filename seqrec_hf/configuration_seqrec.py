@@ -63,6 +63,10 @@ class SeqRecConfig(PreTrainedConfig):
         loss_type: Training loss. `"full_ce"`: cross-entropy over the whole catalog (best quality when the
             catalog fits). `"sampled_softmax"`: softmax over sampled candidates with logQ correction, for huge
             catalogs. `"gbce"`: gSASRec's calibrated binary cross-entropy with uniform negatives.
+        loss_exclude_history: Leave each position's own history out of its softmax (`full_ce` only), as
+            evaluation and `recommend()` leave it out of the ranking. Without it the model must score the
+            items it was just shown below everything else, which fights the co-purchase similarity that
+            predicts the next item.
         num_negatives: Uniform negatives per batch for `sampled_softmax` and `gbce` (shared by all positions).
         in_batch_negatives: `sampled_softmax` also uses the batch's other targets as negatives (mixed negatives).
         gbce_t: gBCE calibration parameter t in [0, 1] (1 = fully calibrated to the full softmax).
@@ -99,6 +103,7 @@ class SeqRecConfig(PreTrainedConfig):
     time_num_buckets: int = 32
     time_bucket_base: float = 2.0
     loss_type: str = "full_ce"
+    loss_exclude_history: bool = False
     num_negatives: int = 256
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
@@ -166,6 +171,8 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError("SeqRecConfig.num_negatives: sampled_softmax needs negatives (or in_batch_negatives)")
         if not isinstance(self.gbce_t, (int, float)) or not 0.0 <= self.gbce_t <= 1.0:
             raise ValueError(f"SeqRecConfig.gbce_t must be in [0, 1], got {self.gbce_t!r}")
+        if self.loss_exclude_history and self.loss_type != "full_ce":
+            raise ValueError("SeqRecConfig.loss_exclude_history is implemented for loss_type='full_ce' only")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:

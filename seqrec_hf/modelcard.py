@@ -256,6 +256,7 @@ def render_model_card(
         "use_time_gap_embedding",
         "time_num_buckets",
         "loss_type",
+        "loss_exclude_history",
         "num_negatives",
         "batch_size",
         "gradient_accumulation_steps",

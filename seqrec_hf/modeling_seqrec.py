@@ -473,7 +473,7 @@ class _FullCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, num_special: int, chunk_size: int, with_grads: bool):
+    def forward(ctx, hidden, weight, targets, history, num_special: int, chunk_size: int, with_grads: bool):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
@@ -481,6 +481,10 @@ class _FullCrossEntropy(torch.autograd.Function):
             rows, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             logits = (rows @ weight.t()).float()  # (c, V)
             logits[:, :num_special] = float("-inf")
+            if history is not None:  # the row's own history is no candidate; the target always is
+                target_logits = logits.gather(1, chunk_targets[:, None])
+                logits.scatter_(1, history[start : start + chunk_size], float("-inf"))
+                logits.scatter_(1, chunk_targets[:, None], target_logits)
             log_probs = torch.log_softmax(logits, dim=1)
             del logits
             total -= log_probs.gather(1, chunk_targets[:, None]).sum()
@@ -502,13 +506,21 @@ class _FullCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None, None
+        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total, grad_weight, None, None, None, None, None
 
 
 def full_cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_special: int, chunk_size: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    num_special: int,
+    chunk_size: int,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed full-catalog cross-entropy of the rows of `hidden` (N, d) against `targets` (N,); special ids excluded.
+
+    `history` (N, L): item ids also excluded from each row's softmax (pad with a special id), except the target.
 
     Under autocast the matmuls run in the autocast dtype (bf16 on CPU), the softmax in fp32.
     """
@@ -519,7 +531,7 @@ def full_cross_entropy_sum(
     chunk_size = max(1, min(chunk_size, MAX_LOGITS_PER_CHUNK // weight.shape[0]))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        return _FullCrossEntropy.apply(hidden, weight, targets, num_special, chunk_size, with_grads)
+        return _FullCrossEntropy.apply(hidden, weight, targets, history, num_special, chunk_size, with_grads)
 
 
 def _chunk_sampled_softmax(
@@ -592,6 +604,7 @@ def next_item_loss(
     num_negatives: int = 256,
     in_batch_negatives: bool = True,
     gbce_t: float = 0.75,
+    history_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-item loss averaged over the real target positions.
 
@@ -604,6 +617,9 @@ def next_item_loss(
     loss_type: `full_ce` (softmax over the whole catalog), `sampled_softmax` (mixed negatives, logQ
     correction; for catalogs too large to score in full), `gbce` (gSASRec's calibrated BCE with
     `num_negatives` uniform negatives).
+
+    history_ids: (B, T) the input items; when given (full CE only), the items each position has already seen
+    are left out of its softmax, as they are left out of the ranking at evaluation and serving time.
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = (targets >= num_special_tokens) & attention_mask[:, :-1].bool()
@@ -614,7 +630,15 @@ def next_item_loss(
         return hidden_states.sum() * 0.0
     vocab_size = item_weight.shape[0]
     if loss_type == "full_ce":
-        return full_cross_entropy_sum(hidden, item_weight, targets, num_special_tokens, chunk_size) / num
+        history = None
+        if history_ids is not None:
+            seq_len = history_ids.shape[1]
+            seen = torch.ones(seq_len - 1, seq_len, dtype=torch.bool, device=history_ids.device).tril()  # t sees <= t
+            history = history_ids[:, None, :].masked_fill(~seen, 0).clamp(min=0)  # (B, T-1, T); 0 is special
+            history = history[keep]  # (N, T)
+        return full_cross_entropy_sum(hidden, item_weight, targets, num_special_tokens, chunk_size, history) / num
+    if history_ids is not None:
+        raise ValueError("excluding the history from the loss is implemented for loss_type='full_ce' only")
     if loss_type == "sampled_softmax":
         candidates, log_q = _sampled_candidates(
             targets, num_negatives, in_batch_negatives, num_special_tokens, vocab_size
@@ -730,6 +754,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 num_negatives=self.config.num_negatives,
                 in_batch_negatives=self.config.in_batch_negatives,
                 gbce_t=self.config.gbce_t,
+                history_ids=input_ids if self.config.loss_exclude_history else None,
             )
         if logits_to_keep is None:
             logits_to_keep = 0 if labels is None else -1

@@ -84,6 +84,7 @@ class TrainingRecipe:
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32
     loss_type: str = field(default="full_ce", metadata={"help": "'full_ce', 'sampled_softmax' or 'gbce'."})
+    loss_exclude_history: bool = field(default=False, metadata={"help": "Full CE without seen items."})
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
@@ -146,6 +147,7 @@ class TrainingRecipe:
             use_time_gap_embedding=self.use_time_gap_embedding,
             time_num_buckets=self.time_num_buckets,
             loss_type=self.loss_type,
+            loss_exclude_history=self.loss_exclude_history,
             num_negatives=self.num_negatives,
             in_batch_negatives=self.in_batch_negatives,
             gbce_t=self.gbce_t,

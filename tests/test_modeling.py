@@ -281,6 +281,52 @@ def test_loss_matches_reference_on_real_positions_only(chunk):
     torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
 
 
+def reference_loss_without_history(model, batch, labels):
+    """Direct computation: position t's softmax leaves out the items at positions <= t, except its target."""
+    logits = model(**batch).logits[:, :-1].float().clone()
+    ids = batch["input_ids"]
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            seen = ids[b, : t + 1]
+            target = labels[b, t + 1]
+            keep_target = logits[b, t, target].clone() if target >= 0 else None
+            logits[b, t, seen] = float("-inf")
+            if keep_target is not None:
+                logits[b, t, target] = keep_target
+    targets = labels[:, 1:]
+    keep = (targets >= model.config.num_special_tokens) & batch["attention_mask"][:, :-1].bool()
+    logits = logits[keep]
+    logits[:, : model.config.num_special_tokens] = float("-inf")
+    return F.cross_entropy(logits, targets[keep])
+
+
+@pytest.mark.parametrize("chunk", [4096, 3])
+def test_loss_without_history_matches_reference(chunk):
+    model = make_model(loss_chunk_size=chunk, loss_exclude_history=True)
+    batch = random_batch(batch=3, length=8, vocab=12)  # small catalog: repeats (targets seen before) occur
+    batch["input_ids"][1, :4] = 0
+    batch["attention_mask"][1, :4] = 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    ids = batch["input_ids"]
+    assert any(ids[b, t + 1] in ids[b, : t + 1] for b in (0, 2) for t in range(7))  # a repeat is covered
+    out = model(**batch, labels=labels)
+    expected = reference_loss_without_history(model, batch, labels)
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.allclose(out.loss, reference_loss(model, batch, labels))  # it is a different loss
+    out.loss.backward()
+    grad = model.model.embed_items.weight.grad.clone()
+    model.zero_grad()
+    reference_loss_without_history(model, batch, labels).backward()
+    torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
+
+
+def test_loss_exclude_history_needs_full_ce():
+    from seqrec_hf import SeqRecConfig
+
+    with pytest.raises(ValueError, match="loss_exclude_history"):
+        SeqRecConfig(loss_exclude_history=True, loss_type="gbce")
+
+
 def test_loss_ignores_padding_content():
     model = make_model()
     batch = random_batch(batch=2, length=8)
