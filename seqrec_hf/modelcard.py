@@ -234,9 +234,15 @@ def render_model_card(
         return config.get(config_name or name, recipe.get(name, "?"))
 
     architecture = (
+        f"{'post' if setting('norm_style') == 'post' else 'pre'}-norm blocks, "
         f"{setting('num_hidden_layers')} layers, hidden size {setting('hidden_size')}, "
         f"{setting('num_attention_heads')} attention heads, feed-forward size {setting('intermediate_size')}"
     )
+    mix = setting("filter_mix")
+    if isinstance(mix, (int, float)) and mix > 0:
+        window = setting("filter_window")
+        span = f"last {window} events" if window else "whole history"
+        architecture += f", causal low-pass branch (weight {mix}, moving average over the {span})"
     hyper_names = (
         "max_length",
         "hidden_size",

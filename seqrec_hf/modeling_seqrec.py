@@ -1,6 +1,6 @@
 """SeqRec: a decoder-only Transformer that reads a user's time-ordered history and scores the next item.
 
-SASRec-style architecture (item + learned position embeddings, pre-norm causal blocks, output tied to the
+SASRec-style architecture (item + learned position embeddings, pre- or post-norm causal blocks, output tied to the
 item embeddings) with an optional HSTU-style relative attention bias from log-bucketed time gaps.
 
 Conventions used everywhere in this file:

@@ -237,3 +237,13 @@ def test_card_of_a_fine_tuned_checkpoint_keeps_only_ranking_results(checkpoint):
     model = make_model(vocab_size=40, use_time_bias=True)
     assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in card.text  # read from the weights
     assert "Training:" not in card.text  # not recorded: not invented
+
+
+def test_card_architecture_line_follows_the_config():
+    metrics = fake_metrics(use_time_bias=False)
+    plain = render_model_card(metrics, model_name="m", config={"norm_style": "pre", "filter_mix": 0.0})
+    assert "pre-norm blocks" in plain and "low-pass" not in plain
+    config = {"norm_style": "post", "filter_mix": 0.7, "filter_window": 10}
+    filtered = render_model_card(metrics, model_name="m", config=config)
+    assert "post-norm blocks" in filtered
+    assert "causal low-pass branch (weight 0.7, moving average over the last 10 events)" in filtered
