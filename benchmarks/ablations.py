@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         name, _, run_dir = spec.partition("=")
         entries.append({"dataset": args.name, "variant": name, "curve": validation_curve(run_dir),
                         "command": made_by, "commit": None})  # fmt: skip
+    commit = git_commit()  # before training: the code and recipe the runs start from
     for variant in args.variant:
         name, extra = variant[0], parse_overrides(variant[1:])
         run_dir = os.path.join(args.output_root, args.name, name)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                      "early_stopping_patience": args.epochs, "output_dir": run_dir}  # fmt: skip
         train(load_recipe(args.recipe, overrides))
         entries.append({"dataset": args.name, "variant": name, "curve": validation_curve(run_dir),
-                        "command": command, "commit": git_commit()})  # fmt: skip
+                        "command": command, "commit": commit})  # fmt: skip
     if not entries:
         parser.error("nothing to do: give --variant (with --recipe) or --collect")
     store(entries)

@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.recipe:
         parser.error("--recipe is required (unless --cards-only)")
+    commit = git_commit()  # before training: the code and recipe the runs start from
     for variant in variants:
         name, extra = variant[0], parse_overrides(variant[1:])
         runs = []
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summarise(runs),
             "command": command,
             "output_root": args.output_root,
-            "commit": git_commit(),
+            "commit": commit,
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
         }
