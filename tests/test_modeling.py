@@ -121,21 +121,6 @@ def position_model(attn_implementation="sdpa", **overrides):
     return model
 
 
-def test_position_bias_is_causal_padding_invariant_and_backend_independent():
-    model = position_model()
-    batch = random_batch(batch=2, length=6)
-    changed = {k: v.clone() for k, v in batch.items()}
-    changed["input_ids"][:, 4:] = torch.randint(2, 40, changed["input_ids"][:, 4:].shape)
-    torch.testing.assert_close(model(**batch).logits[:, :4], model(**changed).logits[:, :4])
-
-    pad = 4
-    padded = {k: F.pad(v, (pad, 0), value=0) for k, v in batch.items()}
-    torch.testing.assert_close(model(**batch).logits, model(**padded).logits[:, pad:], atol=1e-5, rtol=1e-5)
-
-    eager = position_model(attn_implementation="eager")
-    torch.testing.assert_close(model(**padded).logits, eager(**padded).logits, atol=1e-5, rtol=1e-5)
-
-
 def test_position_bias_matters_and_starts_as_twin():
     batch = random_batch()
     with_bias = position_model()
@@ -186,8 +171,9 @@ def filter_model(attn_implementation="sdpa", **overrides):
     return model
 
 
-def test_post_norm_filter_model_is_causal_padding_invariant_and_backend_independent():
-    model = filter_model()
+@pytest.mark.parametrize("build", [position_model, filter_model], ids=["position-bias", "post-norm+filter"])
+def test_architecture_options_are_causal_padding_invariant_and_backend_independent(build):
+    model = build()
     batch = random_batch(batch=2, length=6)
     changed = {k: v.clone() for k, v in batch.items()}
     changed["input_ids"][:, 4:] = torch.randint(2, 40, changed["input_ids"][:, 4:].shape)
@@ -199,7 +185,7 @@ def test_post_norm_filter_model_is_causal_padding_invariant_and_backend_independ
     padded = {k: F.pad(v, (pad, 0), value=0) for k, v in batch.items()}
     torch.testing.assert_close(model(**batch).logits, model(**padded).logits[:, pad:], atol=1e-5, rtol=1e-5)
 
-    eager = filter_model(attn_implementation="eager")
+    eager = build(attn_implementation="eager")
     torch.testing.assert_close(model(**padded).logits, eager(**padded).logits, atol=1e-5, rtol=1e-5)
 
 
