@@ -43,6 +43,14 @@ def test_user_vectors_match_eager_for_other_shapes(use_time_bias):
         torch.testing.assert_close(program(**batch), eager_user_vectors(model, batch), rtol=1e-5, atol=1e-5)
 
 
+def test_filter_model_exports_with_dynamic_lengths():
+    model = make_model(norm_style="post", filter_mix=0.7, filter_window=3, embedding_norm=True)
+    program = export_for_serving(model, **left_padded_batch([5, 2, 7]))
+    for seed, lengths in enumerate([[3, 1], [2], [9, 4, 2, 8]]):  # lengths below and above the window
+        batch = left_padded_batch(lengths, seed=seed)
+        torch.testing.assert_close(program(**batch), eager_user_vectors(model, batch), rtol=1e-5, atol=1e-5)
+
+
 def test_time_aware_program_uses_query_timestamps():
     model = make_model(use_time_bias=True, time_num_buckets=8)
     with torch.no_grad():  # a non-zero time bias, so the query time matters
