@@ -238,9 +238,20 @@ def test_item_dropout_replaces_inputs_in_training_only():
     torch.testing.assert_close(model(**batch).logits, evaluated)
 
 
-def reference_loss(model, batch, labels):
-    """Direct computation: logits everywhere, shift, drop -100/special targets, CE without special columns."""
-    logits = model(**batch).logits[:, :-1].float()
+def reference_loss(model, batch, labels, exclude_history=False):
+    """Direct computation: logits everywhere, shift, drop -100/special targets, CE without special columns.
+
+    With `exclude_history`, position t's softmax also leaves out the items at positions <= t, except its target.
+    """
+    logits = model(**batch).logits[:, :-1].float().clone()
+    ids = batch["input_ids"]
+    for b in range(ids.shape[0] if exclude_history else 0):
+        for t in range(ids.shape[1] - 1):
+            target = labels[b, t + 1]
+            keep_target = logits[b, t, target].clone() if target >= 0 else None
+            logits[b, t, ids[b, : t + 1]] = float("-inf")
+            if keep_target is not None:
+                logits[b, t, target] = keep_target
     targets = labels[:, 1:]
     keep = (targets >= model.config.num_special_tokens) & batch["attention_mask"][:, :-1].bool()
     logits = logits[keep]
@@ -267,25 +278,6 @@ def test_loss_matches_reference_on_real_positions_only(chunk):
     torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
 
 
-def reference_loss_without_history(model, batch, labels):
-    """Direct computation: position t's softmax leaves out the items at positions <= t, except its target."""
-    logits = model(**batch).logits[:, :-1].float().clone()
-    ids = batch["input_ids"]
-    for b in range(ids.shape[0]):
-        for t in range(ids.shape[1] - 1):
-            seen = ids[b, : t + 1]
-            target = labels[b, t + 1]
-            keep_target = logits[b, t, target].clone() if target >= 0 else None
-            logits[b, t, seen] = float("-inf")
-            if keep_target is not None:
-                logits[b, t, target] = keep_target
-    targets = labels[:, 1:]
-    keep = (targets >= model.config.num_special_tokens) & batch["attention_mask"][:, :-1].bool()
-    logits = logits[keep]
-    logits[:, : model.config.num_special_tokens] = float("-inf")
-    return F.cross_entropy(logits, targets[keep])
-
-
 @pytest.mark.parametrize("chunk", [4096, 3])
 def test_loss_without_history_matches_reference(chunk):
     model = make_model(loss_chunk_size=chunk, loss_exclude_history=True)
@@ -296,13 +288,13 @@ def test_loss_without_history_matches_reference(chunk):
     ids = batch["input_ids"]
     assert any(ids[b, t + 1] in ids[b, : t + 1] for b in (0, 2) for t in range(7))  # a repeat is covered
     out = model(**batch, labels=labels)
-    expected = reference_loss_without_history(model, batch, labels)
+    expected = reference_loss(model, batch, labels, exclude_history=True)
     torch.testing.assert_close(out.loss, expected)
     assert not torch.allclose(out.loss, reference_loss(model, batch, labels))  # it is a different loss
     out.loss.backward()
     grad = model.model.embed_items.weight.grad.clone()
     model.zero_grad()
-    reference_loss_without_history(model, batch, labels).backward()
+    reference_loss(model, batch, labels, exclude_history=True).backward()
     torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
 
 
