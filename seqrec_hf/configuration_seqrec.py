@@ -37,10 +37,10 @@ class SeqRecConfig(PreTrainedConfig):
             low + beta^2 * (x - low) with `low` the mean of the last `filter_window` events and beta a learned
             per-channel gain: a causal version of BSARec's frequency branch (BSARec filters the whole
             sequence with an FFT, which would let each position see its future in a sequence-wise loss).
+        filter_window: Events averaged by the low-pass filter (0: the whole history up to each position).
         item_dropout: Training-time augmentation: each real input event is replaced by the unknown-item token
             with this probability (targets are untouched). Like word dropout, it makes the model predict from
             incomplete histories instead of leaning on one recent item; off at evaluation.
-        filter_window: Events averaged by the low-pass filter (0: the whole history up to each position).
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal weight initialisation.
         tie_word_embeddings: Score items with the item embedding matrix (the output layer is tied to the
@@ -149,10 +149,9 @@ class SeqRecConfig(PreTrainedConfig):
                 raise ValueError(f"SeqRecConfig.{name} must be in [0, 1), got {value!r}")
         if self.norm_style not in ("pre", "post"):
             raise ValueError(f"SeqRecConfig.norm_style must be 'pre' or 'post', got {self.norm_style!r}")
-        if isinstance(self.filter_mix, bool) or not isinstance(self.filter_mix, (int, float)):
-            raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {self.filter_mix!r}")
-        if not 0.0 <= self.filter_mix <= 1.0:
-            raise ValueError(f"SeqRecConfig.filter_mix must be in [0, 1], got {self.filter_mix!r}")
+        mix = self.filter_mix
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
+            raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {mix!r}")
         if isinstance(self.filter_window, bool) or not isinstance(self.filter_window, int) or self.filter_window < 0:
             raise ValueError(f"SeqRecConfig.filter_window must be a non-negative integer, got {self.filter_window!r}")
         for name in ("layer_norm_eps", "initializer_range"):

@@ -127,32 +127,15 @@ class TrainingRecipe:
             raise ValueError("max_length must be >= 2")
 
     def model_config(self, vocab_size: int) -> SeqRecConfig:
+        """The model config: every recipe field that `SeqRecConfig` also has, under the same name, so a new
+        model option needs only its recipe field; the length and attention backend are renamed."""
+        shared = {f.name for f in dataclasses.fields(SeqRecConfig)}
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared}
         return SeqRecConfig(
             vocab_size=vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            hidden_act=self.hidden_act,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_dropout=self.attention_dropout,
             max_position_embeddings=self.max_length,
-            embedding_norm=self.embedding_norm,
-            use_position_bias=self.use_position_bias,
-            norm_style=self.norm_style,
-            filter_mix=self.filter_mix,
-            filter_window=self.filter_window,
-            item_dropout=self.item_dropout,
-            use_time_bias=self.use_time_bias,
-            use_time_gap_embedding=self.use_time_gap_embedding,
-            time_num_buckets=self.time_num_buckets,
-            loss_type=self.loss_type,
-            loss_exclude_history=self.loss_exclude_history,
-            num_negatives=self.num_negatives,
-            in_batch_negatives=self.in_batch_negatives,
-            gbce_t=self.gbce_t,
-            loss_chunk_size=self.loss_chunk_size,
             attn_implementation=self.attn_implementation,
+            **kwargs,
         )
 
 

@@ -35,7 +35,11 @@ def run_train(args, **kwargs):
 def test_recipes_load_and_validate(recipe):
     loaded = load_recipe(recipe)
     assert isinstance(loaded, TrainingRecipe)
-    loaded.model_config(vocab_size=100)  # model hyper-parameters are valid together
+    config = loaded.model_config(vocab_size=100)  # model hyper-parameters are valid together
+    # every model setting of the recipe reaches the model config
+    assert config.max_position_embeddings == loaded.max_length
+    for name in ("hidden_size", "hidden_dropout_prob", "embedding_norm", "norm_style", "filter_mix", "loss_type"):
+        assert getattr(config, name) == getattr(loaded, name), name
 
 
 def test_recipe_errors_name_the_field(tmp_path):
