@@ -26,6 +26,10 @@ class SeqRecConfig(PreTrainedConfig):
         hidden_dropout_prob: Dropout on embeddings, attention output and feed-forward output.
         attention_dropout: Dropout on attention probabilities.
         max_position_embeddings: Longest history the model reads (learned absolute positions).
+        position_embedding_type: `"absolute"`: a learned embedding of each event's index, counted from the
+            user's first event, is added to its item embedding (SASRec). `"none"`: no position embedding;
+            order then comes only from the causal mask, the low-pass filter and the relative biases, so
+            the model's view of a history does not depend on how long the user has been around.
         embedding_norm: LayerNorm on the summed input embeddings before dropout (as in S3-Rec/BSARec). The
             residual stream then starts at unit scale instead of the tiny initial embeddings, which makes the
             item signal visible to the first block from the first step.
@@ -67,6 +71,10 @@ class SeqRecConfig(PreTrainedConfig):
             evaluation and `recommend()` leave it out of the ranking. Without it the model must score the
             items it was just shown below everything else, which fights the co-purchase similarity that
             predicts the next item.
+        label_smoothing: Full CE only: the target gets 1 - eps of the probability mass and the rest is spread
+            evenly over the other candidates (the catalog minus special tokens and, with
+            `loss_exclude_history`, the history), as in `torch.nn.CrossEntropyLoss(label_smoothing=eps)`.
+            It keeps the model from becoming over-confident about the one observed next item.
         num_negatives: Uniform negatives per batch for `sampled_softmax` and `gbce` (shared by all positions).
         in_batch_negatives: `sampled_softmax` also uses the batch's other targets as negatives (mixed negatives).
         gbce_t: gBCE calibration parameter t in [0, 1] (1 = fully calibrated to the full softmax).
@@ -86,6 +94,7 @@ class SeqRecConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.2
     attention_dropout: float = 0.2
     max_position_embeddings: int = 200
+    position_embedding_type: str = "absolute"
     embedding_norm: bool = False
     norm_style: str = "pre"
     filter_mix: float = 0.0
@@ -104,6 +113,7 @@ class SeqRecConfig(PreTrainedConfig):
     time_bucket_base: float = 2.0
     loss_type: str = "full_ce"
     loss_exclude_history: bool = False
+    label_smoothing: float = 0.0
     num_negatives: int = 256
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
@@ -143,10 +153,15 @@ class SeqRecConfig(PreTrainedConfig):
                 f"SeqRecConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        for name in ("hidden_dropout_prob", "attention_dropout", "item_dropout"):
+        for name in ("hidden_dropout_prob", "attention_dropout", "item_dropout", "label_smoothing"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"SeqRecConfig.{name} must be in [0, 1), got {value!r}")
+        if self.position_embedding_type not in ("absolute", "none"):
+            raise ValueError(
+                "SeqRecConfig.position_embedding_type must be 'absolute' or 'none',"
+                f" got {self.position_embedding_type!r}"
+            )
         if self.norm_style not in ("pre", "post"):
             raise ValueError(f"SeqRecConfig.norm_style must be 'pre' or 'post', got {self.norm_style!r}")
         mix = self.filter_mix
@@ -172,6 +187,8 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.gbce_t must be in [0, 1], got {self.gbce_t!r}")
         if self.loss_exclude_history and self.loss_type != "full_ce":
             raise ValueError("SeqRecConfig.loss_exclude_history is implemented for loss_type='full_ce' only")
+        if self.label_smoothing and self.loss_type != "full_ce":
+            raise ValueError("SeqRecConfig.label_smoothing is implemented for loss_type='full_ce' only")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:

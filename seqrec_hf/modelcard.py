@@ -243,6 +243,8 @@ def render_model_card(
         window = setting("filter_window")
         span = f"last {window} events" if window else "whole history"
         architecture += f", causal low-pass branch (weight {mix}, moving average over the {span})"
+    if setting("position_embedding_type") == "none":
+        architecture += ", no position embeddings"
     hyper_names = (
         "max_length",
         "hidden_size",
@@ -253,6 +255,7 @@ def render_model_card(
         "hidden_dropout_prob",
         "attention_dropout",
         "embedding_norm",
+        "position_embedding_type",
         "use_position_bias",
         "norm_style",
         "filter_mix",

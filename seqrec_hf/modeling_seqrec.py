@@ -352,7 +352,11 @@ class SeqRecModel(SeqRecPreTrainedModel):
     def __init__(self, config: SeqRecConfig):
         super().__init__(config)
         self.embed_items = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_positions = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_embedding_type == "absolute"
+            else None
+        )
         self.embed_time_gaps = SeqRecTimeGapEmbedding(config) if config.use_time_gap_embedding else None
         self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.embedding_norm else None
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -422,8 +426,10 @@ class SeqRecModel(SeqRecPreTrainedModel):
         if self.training and self.config.item_dropout > 0:
             dropped = valid & (torch.rand(input_ids.shape, device=input_ids.device) < self.config.item_dropout)
             input_ids = input_ids.masked_fill(dropped, self.config.unk_token_id)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # first real event -> 0
-        hidden_states = self.embed_items(input_ids) + self.embed_positions(position_ids)
+        hidden_states = self.embed_items(input_ids)
+        if self.embed_positions is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # first real event -> 0
+            hidden_states = hidden_states + self.embed_positions(position_ids)
         if self.embed_time_gaps is not None:
             gaps = query_times(timestamps, query_timestamps) - timestamps.long()  # (B, T)
             buckets = bucketize_gaps(gaps, self.config.time_num_buckets, self.config.time_bucket_base)
@@ -473,7 +479,9 @@ class _FullCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, history, num_special: int, chunk_size: int, with_grads: bool):
+    def forward(
+        ctx, hidden, weight, targets, history, num_special: int, chunk_size: int, with_grads: bool, smoothing: float
+    ):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
@@ -487,11 +495,18 @@ class _FullCrossEntropy(torch.autograd.Function):
                 logits.scatter_(1, chunk_targets[:, None], target_logits)
             log_probs = torch.log_softmax(logits, dim=1)
             del logits
-            total -= log_probs.gather(1, chunk_targets[:, None]).sum()
+            total -= (1.0 - smoothing) * log_probs.gather(1, chunk_targets[:, None]).sum()
+            if smoothing:  # the rest of the mass spread evenly over the row's candidates (finite logits)
+                candidates = torch.isfinite(log_probs)
+                share = smoothing / candidates.sum(1, keepdim=True)  # (c, 1)
+                total -= (log_probs.masked_fill(~candidates, 0.0) * share).sum()
             if not with_grads:
                 continue
             probs = log_probs.exp_()  # softmax, in place
-            probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1.0  # d loss / d logits
+            rows_idx = torch.arange(len(chunk_targets), device=probs.device)
+            probs[rows_idx, chunk_targets] -= 1.0 - smoothing  # d loss / d logits
+            if smoothing:
+                probs -= candidates * share
             probs = probs.to(weight.dtype)
             grad_hidden[start : start + chunk_size] = probs @ weight  # (c, d)
             if weight.dtype == torch.float32:
@@ -507,7 +522,7 @@ class _FullCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden * grad_total, grad_weight, None, None, None, None, None
+        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None
 
 
 def full_cross_entropy_sum(
@@ -517,10 +532,13 @@ def full_cross_entropy_sum(
     num_special: int,
     chunk_size: int,
     history: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Summed full-catalog cross-entropy of the rows of `hidden` (N, d) against `targets` (N,); special ids excluded.
 
     `history` (N, L): item ids also excluded from each row's softmax (pad with a special id), except the target.
+    `label_smoothing` eps: the target distribution is 1 - eps on the target plus eps spread over the row's
+    candidates (torch's `label_smoothing` restricted to the items that can be recommended).
 
     Under autocast the matmuls run in the autocast dtype (bf16 on CPU), the softmax in fp32.
     """
@@ -531,7 +549,9 @@ def full_cross_entropy_sum(
     chunk_size = max(1, min(chunk_size, MAX_LOGITS_PER_CHUNK // weight.shape[0]))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        return _FullCrossEntropy.apply(hidden, weight, targets, history, num_special, chunk_size, with_grads)
+        return _FullCrossEntropy.apply(
+            hidden, weight, targets, history, num_special, chunk_size, with_grads, float(label_smoothing)
+        )
 
 
 def _chunk_sampled_softmax(
@@ -605,6 +625,7 @@ def next_item_loss(
     in_batch_negatives: bool = True,
     gbce_t: float = 0.75,
     history_ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Next-item loss averaged over the real target positions.
 
@@ -636,9 +657,14 @@ def next_item_loss(
             seen = torch.ones(seq_len - 1, seq_len, dtype=torch.bool, device=history_ids.device).tril()  # t sees <= t
             history = history_ids[:, None, :].masked_fill(~seen, 0).clamp(min=0)  # (B, T-1, T); 0 is special
             history = history[keep]  # (N, T)
-        return full_cross_entropy_sum(hidden, item_weight, targets, num_special_tokens, chunk_size, history) / num
+        total = full_cross_entropy_sum(
+            hidden, item_weight, targets, num_special_tokens, chunk_size, history, label_smoothing
+        )
+        return total / num
     if history_ids is not None:
         raise ValueError("excluding the history from the loss is implemented for loss_type='full_ce' only")
+    if label_smoothing:
+        raise ValueError("label smoothing is implemented for loss_type='full_ce' only")
     if loss_type == "sampled_softmax":
         candidates, log_q = _sampled_candidates(
             targets, num_negatives, in_batch_negatives, num_special_tokens, vocab_size
@@ -755,6 +781,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 in_batch_negatives=self.config.in_batch_negatives,
                 gbce_t=self.config.gbce_t,
                 history_ids=input_ids if self.config.loss_exclude_history else None,
+                label_smoothing=self.config.label_smoothing,
             )
         if logits_to_keep is None:
             logits_to_keep = 0 if labels is None else -1

@@ -75,6 +75,7 @@ class TrainingRecipe:
     hidden_dropout_prob: float = 0.2
     attention_dropout: float = 0.2
     embedding_norm: bool = field(default=False, metadata={"help": "LayerNorm on the input embeddings."})
+    position_embedding_type: str = field(default="absolute", metadata={"help": "'absolute' or 'none'."})
     use_position_bias: bool = field(default=False, metadata={"help": "Relative position attention bias."})
     norm_style: str = field(default="pre", metadata={"help": "'pre' or 'post' LayerNorm in each block."})
     filter_mix: float = field(default=0.0, metadata={"help": "Weight of the causal low-pass branch (0: off)."})
@@ -85,6 +86,7 @@ class TrainingRecipe:
     time_num_buckets: int = 32
     loss_type: str = field(default="full_ce", metadata={"help": "'full_ce', 'sampled_softmax' or 'gbce'."})
     loss_exclude_history: bool = field(default=False, metadata={"help": "Full CE without seen items."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Full CE label smoothing over the catalog."})
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
     in_batch_negatives: bool = True
     gbce_t: float = 0.75

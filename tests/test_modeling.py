@@ -171,7 +171,14 @@ def filter_model(attn_implementation="sdpa", **overrides):
     return model
 
 
-@pytest.mark.parametrize("build", [position_model, filter_model], ids=["position-bias", "post-norm+filter"])
+def no_position_model(attn_implementation="sdpa", **overrides):
+    """Post-norm + filter blocks without absolute position embeddings."""
+    return filter_model(attn_implementation, position_embedding_type="none", **overrides)
+
+
+@pytest.mark.parametrize(
+    "build", [position_model, filter_model, no_position_model], ids=["position-bias", "post-norm+filter", "no-pos"]
+)
 def test_architecture_options_are_causal_padding_invariant_and_backend_independent(build):
     model = build()
     batch = random_batch(batch=2, length=6)
@@ -213,6 +220,21 @@ def test_bad_norm_style_and_filter_fields_are_named():
         SeqRecConfig(filter_mix=1.5)
     with pytest.raises(ValueError, match="filter_window"):
         SeqRecConfig(filter_window=-1)
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        SeqRecConfig(position_embedding_type="rotary")
+
+
+def test_without_position_embeddings_only_the_positions_are_dropped():
+    with_pos = make_model(norm_style="post", seed=5)
+    without = make_model(norm_style="post", position_embedding_type="none", seed=5)
+    names = set(with_pos.state_dict()) - set(without.state_dict())
+    assert names == {"model.embed_positions.weight"}
+    without.load_state_dict({k: v for k, v in with_pos.state_dict().items() if k not in names})
+    batch = random_batch()
+    assert not torch.allclose(with_pos(**batch).logits, without(**batch).logits)
+    with torch.no_grad():
+        with_pos.model.embed_positions.weight.zero_()  # zero positions == no positions
+    torch.testing.assert_close(with_pos(**batch).logits, without(**batch).logits)
 
 
 def test_item_dropout_replaces_inputs_in_training_only():
@@ -238,10 +260,11 @@ def test_item_dropout_replaces_inputs_in_training_only():
     torch.testing.assert_close(model(**batch).logits, evaluated)
 
 
-def reference_loss(model, batch, labels, exclude_history=False):
+def reference_loss(model, batch, labels, exclude_history=False, smoothing=0.0):
     """Direct computation: logits everywhere, shift, drop -100/special targets, CE without special columns.
 
     With `exclude_history`, position t's softmax also leaves out the items at positions <= t, except its target.
+    With `smoothing` eps, each row's loss is (1 - eps) * NLL + eps * mean NLL over the row's candidates.
     """
     logits = model(**batch).logits[:, :-1].float().clone()
     ids = batch["input_ids"]
@@ -256,7 +279,48 @@ def reference_loss(model, batch, labels, exclude_history=False):
     keep = (targets >= model.config.num_special_tokens) & batch["attention_mask"][:, :-1].bool()
     logits = logits[keep]
     logits[:, : model.config.num_special_tokens] = float("-inf")
-    return F.cross_entropy(logits, targets[keep])
+    nll = F.cross_entropy(logits, targets[keep], reduction="none")
+    log_probs = torch.log_softmax(logits, dim=1)
+    finite = torch.isfinite(log_probs)
+    uniform = -(log_probs.masked_fill(~finite, 0.0).sum(1) / finite.sum(1))
+    return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_label_smoothing_matches_reference(exclude_history):
+    smoothing = 0.2
+    model = make_model(loss_chunk_size=3, loss_exclude_history=exclude_history, label_smoothing=smoothing)
+    batch = random_batch(batch=3, length=8, vocab=12)
+    batch["input_ids"][1, :4] = 0
+    batch["attention_mask"][1, :4] = 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels)
+    expected = reference_loss(model, batch, labels, exclude_history=exclude_history, smoothing=smoothing)
+    torch.testing.assert_close(out.loss, expected)
+    plain = reference_loss(model, batch, labels, exclude_history=exclude_history)
+    assert not torch.allclose(out.loss, plain)
+    if not exclude_history:  # torch's own label smoothing over the non-special columns agrees
+        special = model.config.num_special_tokens
+        logits = model(**batch).logits[:, :-1]
+        keep = (labels[:, 1:] >= special) & batch["attention_mask"][:, :-1].bool()
+        torch_loss = F.cross_entropy(
+            logits[keep][:, special:], labels[:, 1:][keep] - special, label_smoothing=smoothing
+        )
+        torch.testing.assert_close(out.loss, torch_loss)
+    out.loss.backward()
+    grad = model.model.embed_items.weight.grad.clone()
+    model.zero_grad()
+    reference_loss(model, batch, labels, exclude_history=exclude_history, smoothing=smoothing).backward()
+    torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
+
+
+def test_label_smoothing_needs_full_ce():
+    from seqrec_hf import SeqRecConfig
+
+    with pytest.raises(ValueError, match="label_smoothing"):
+        SeqRecConfig(label_smoothing=0.1, loss_type="sampled_softmax")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        SeqRecConfig(label_smoothing=1.0)
 
 
 @pytest.mark.parametrize("chunk", [4096, 3])
