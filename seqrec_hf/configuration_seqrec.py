@@ -75,6 +75,12 @@ class SeqRecConfig(PreTrainedConfig):
             evenly over the other candidates (the catalog minus special tokens and, with
             `loss_exclude_history`, the history), as in `torch.nn.CrossEntropyLoss(label_smoothing=eps)`.
             It keeps the model from becoming over-confident about the one observed next item.
+        target_window: Full CE only: each position learns the next `target_window` events of its sequence,
+            not just the next one, as one soft target (event t + j weighted `target_window_decay`^(j - 1),
+            normalised). In purchase logs the order of nearby events is partly arbitrary (several reviews
+            written the same day), so the next few events are all evidence of what comes next. Evaluation
+            still scores the next event only. 1: plain next-item loss.
+        target_window_decay: Weight ratio between consecutive events of the target window, in (0, 1].
         num_negatives: Uniform negatives per batch for `sampled_softmax` and `gbce` (shared by all positions).
         in_batch_negatives: `sampled_softmax` also uses the batch's other targets as negatives (mixed negatives).
         gbce_t: gBCE calibration parameter t in [0, 1] (1 = fully calibrated to the full softmax).
@@ -114,6 +120,8 @@ class SeqRecConfig(PreTrainedConfig):
     loss_type: str = "full_ce"
     loss_exclude_history: bool = False
     label_smoothing: float = 0.0
+    target_window: int = 1
+    target_window_decay: float = 0.5
     num_negatives: int = 256
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
@@ -141,6 +149,7 @@ class SeqRecConfig(PreTrainedConfig):
             "num_attention_heads",
             "intermediate_size",
             "max_position_embeddings",
+            "target_window",
             "time_num_buckets",
             "loss_chunk_size",
             "recommend_chunk_size",
@@ -189,6 +198,11 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError("SeqRecConfig.loss_exclude_history is implemented for loss_type='full_ce' only")
         if self.label_smoothing and self.loss_type != "full_ce":
             raise ValueError("SeqRecConfig.label_smoothing is implemented for loss_type='full_ce' only")
+        if self.target_window > 1 and self.loss_type != "full_ce":
+            raise ValueError("SeqRecConfig.target_window > 1 is implemented for loss_type='full_ce' only")
+        decay = self.target_window_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+            raise ValueError(f"SeqRecConfig.target_window_decay must be in (0, 1], got {decay!r}")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:

@@ -473,29 +473,42 @@ class _FullCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` over the whole catalog, `chunk_size` rows at a time.
 
     The loss is a scalar, so its gradients are computed in the same pass: per chunk, logits -> log-softmax ->
-    softmax (in place) minus one-hot -> two matmuls into grad_hidden (N, d) and grad_weight (V, d). Backward
-    only scales them. Nothing is recomputed (3 matmuls per chunk instead of 4 with checkpointing) and one
-    (chunk, V) block is live at a time, so memory is O(chunk x catalog) and never O(positions x catalog).
+    softmax (in place) minus the target distribution -> two matmuls into grad_hidden (N, d) and grad_weight
+    (V, d). Backward only scales them. Nothing is recomputed (3 matmuls per chunk instead of 4 with
+    checkpointing) and one (chunk, V) block is live at a time, so memory is O(chunk x catalog), never
+    O(positions x catalog). Targets are (N, K) with weights (N, K) summing to 1 per row: a one-hot target is
+    K = 1, soft targets over several items cost one gather more, not another pass over the catalog.
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, targets, history, num_special: int, chunk_size: int, with_grads: bool, smoothing: float
+        ctx,
+        hidden,
+        weight,
+        targets,
+        target_weights,
+        history,
+        num_special: int,
+        chunk_size: int,
+        with_grads: bool,
+        smoothing: float,
     ):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            chunk_weights = (1.0 - smoothing) * target_weights[start : start + chunk_size]  # (c, K)
             logits = (rows @ weight.t()).float()  # (c, V)
             logits[:, :num_special] = float("-inf")
-            if history is not None:  # the row's own history is no candidate; the target always is
-                target_logits = logits.gather(1, chunk_targets[:, None])
+            if history is not None:  # the row's own history is no candidate; its targets always are
+                target_logits = logits.gather(1, chunk_targets)
                 logits.scatter_(1, history[start : start + chunk_size], float("-inf"))
-                logits.scatter_(1, chunk_targets[:, None], target_logits)
+                logits.scatter_(1, chunk_targets, target_logits)
             log_probs = torch.log_softmax(logits, dim=1)
             del logits
-            total -= (1.0 - smoothing) * log_probs.gather(1, chunk_targets[:, None]).sum()
+            target_log_probs = log_probs.gather(1, chunk_targets).masked_fill(chunk_weights == 0, 0.0)
+            total -= (target_log_probs * chunk_weights).sum()
             if smoothing:  # the rest of the mass spread evenly over the row's candidates (finite logits)
                 candidates = torch.isfinite(log_probs)
                 share = smoothing / candidates.sum(1, keepdim=True)  # (c, 1)
@@ -503,8 +516,7 @@ class _FullCrossEntropy(torch.autograd.Function):
             if not with_grads:
                 continue
             probs = log_probs.exp_()  # softmax, in place
-            rows_idx = torch.arange(len(chunk_targets), device=probs.device)
-            probs[rows_idx, chunk_targets] -= 1.0 - smoothing  # d loss / d logits
+            probs.scatter_add_(1, chunk_targets, -chunk_weights)  # d loss / d logits = softmax - target mass
             if smoothing:
                 probs -= candidates * share
             probs = probs.to(weight.dtype)
@@ -522,7 +534,7 @@ class _FullCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None
+        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None, None
 
 
 def full_cross_entropy_sum(
@@ -533,15 +545,22 @@ def full_cross_entropy_sum(
     chunk_size: int,
     history: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    target_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed full-catalog cross-entropy of the rows of `hidden` (N, d) against `targets` (N,); special ids excluded.
+    """Summed full-catalog cross-entropy of the rows of `hidden` (N, d) against `targets`; special ids excluded.
 
-    `history` (N, L): item ids also excluded from each row's softmax (pad with a special id), except the target.
-    `label_smoothing` eps: the target distribution is 1 - eps on the target plus eps spread over the row's
+    `targets` (N,) one item per row, or (N, K) several with `target_weights` (N, K), each row summing to 1
+    (weight 0 marks an unused slot).
+    `history` (N, L): item ids also excluded from each row's softmax (pad with a special id), except the targets.
+    `label_smoothing` eps: the target distribution is 1 - eps on the targets plus eps spread over the row's
     candidates (torch's `label_smoothing` restricted to the items that can be recommended).
 
     Under autocast the matmuls run in the autocast dtype (bf16 on CPU), the softmax in fp32.
     """
+    if targets.dim() == 1:
+        targets = targets[:, None]
+    if target_weights is None:
+        target_weights = torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -550,7 +569,15 @@ def full_cross_entropy_sum(
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
         return _FullCrossEntropy.apply(
-            hidden, weight, targets, history, num_special, chunk_size, with_grads, float(label_smoothing)
+            hidden,
+            weight,
+            targets,
+            target_weights.float(),
+            history,
+            num_special,
+            chunk_size,
+            with_grads,
+            float(label_smoothing),
         )
 
 
@@ -626,6 +653,8 @@ def next_item_loss(
     gbce_t: float = 0.75,
     history_ids: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    target_window: int = 1,
+    target_window_decay: float = 0.5,
 ) -> torch.Tensor:
     """Next-item loss averaged over the real target positions.
 
@@ -641,6 +670,9 @@ def next_item_loss(
 
     history_ids: (B, T) the input items; when given (full CE only), the items each position has already seen
     are left out of its softmax, as they are left out of the ranking at evaluation and serving time.
+
+    target_window k > 1 (full CE only): position t's target distribution covers the next k events of its
+    sequence, event t + j weighted decay^(j - 1) and the weights normalised over the events that exist.
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = (targets >= num_special_tokens) & attention_mask[:, :-1].bool()
@@ -651,6 +683,15 @@ def next_item_loss(
         return hidden_states.sum() * 0.0
     vocab_size = item_weight.shape[0]
     if loss_type == "full_ce":
+        weights = None
+        if target_window > 1:
+            future = torch.stack(
+                [F.pad(labels[:, j:], (0, j - 1), value=-100) for j in range(1, target_window + 1)], dim=-1
+            )[keep]  # (N, k): event t + j of the same sequence, -100 past its end
+            decay = target_window_decay ** torch.arange(target_window, device=future.device, dtype=torch.float32)
+            weights = decay * (future >= num_special_tokens)
+            weights = weights / weights.sum(1, keepdim=True)  # column 0 is the next event: never empty
+            targets = future.clamp(min=0)  # unused slots point at a special id with weight 0
         history = None
         if history_ids is not None:
             seq_len = history_ids.shape[1]
@@ -658,13 +699,13 @@ def next_item_loss(
             history = history_ids[:, None, :].masked_fill(~seen, 0).clamp(min=0)  # (B, T-1, T); 0 is special
             history = history[keep]  # (N, T)
         total = full_cross_entropy_sum(
-            hidden, item_weight, targets, num_special_tokens, chunk_size, history, label_smoothing
+            hidden, item_weight, targets, num_special_tokens, chunk_size, history, label_smoothing, weights
         )
         return total / num
     if history_ids is not None:
         raise ValueError("excluding the history from the loss is implemented for loss_type='full_ce' only")
-    if label_smoothing:
-        raise ValueError("label smoothing is implemented for loss_type='full_ce' only")
+    if label_smoothing or target_window > 1:
+        raise ValueError("label smoothing and target windows are implemented for loss_type='full_ce' only")
     if loss_type == "sampled_softmax":
         candidates, log_q = _sampled_candidates(
             targets, num_negatives, in_batch_negatives, num_special_tokens, vocab_size
@@ -782,6 +823,8 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 gbce_t=self.config.gbce_t,
                 history_ids=input_ids if self.config.loss_exclude_history else None,
                 label_smoothing=self.config.label_smoothing,
+                target_window=self.config.target_window,
+                target_window_decay=self.config.target_window_decay,
             )
         if logits_to_keep is None:
             logits_to_keep = 0 if labels is None else -1

@@ -87,6 +87,8 @@ class TrainingRecipe:
     loss_type: str = field(default="full_ce", metadata={"help": "'full_ce', 'sampled_softmax' or 'gbce'."})
     loss_exclude_history: bool = field(default=False, metadata={"help": "Full CE without seen items."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Full CE label smoothing over the catalog."})
+    target_window: int = field(default=1, metadata={"help": "Full CE: learn the next k events, not just one."})
+    target_window_decay: float = field(default=0.5, metadata={"help": "Weight ratio of consecutive targets."})
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
     in_batch_negatives: bool = True
     gbce_t: float = 0.75

@@ -314,6 +314,80 @@ def test_label_smoothing_matches_reference(exclude_history):
     torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
 
 
+def window_reference(model, batch, labels, window, decay, exclude_history):
+    """Loop over every (sequence, position): soft target over the next `window` events, history masked."""
+    logits = model(**batch).logits.float()
+    special, ids = model.config.num_special_tokens, batch["input_ids"]
+    losses = []
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if not batch["attention_mask"][b, t] or labels[b, t + 1] < special:
+                continue
+            future = [(j, int(labels[b, t + j])) for j in range(1, window + 1) if t + j < ids.shape[1]]
+            future = [(j, item) for j, item in future if item >= special]
+            row = logits[b, t].clone()
+            row[:special] = float("-inf")
+            if exclude_history:
+                kept = {item: row[item].clone() for _, item in future}
+                row[ids[b, : t + 1]] = float("-inf")
+                for item, value in kept.items():
+                    row[item] = value
+            log_probs = torch.log_softmax(row, dim=0)
+            total = sum(decay ** (j - 1) for j, _ in future)
+            losses.append(-sum(decay ** (j - 1) / total * log_probs[item] for j, item in future))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_target_window_matches_reference(exclude_history):
+    model = make_model(loss_chunk_size=4, loss_exclude_history=exclude_history, target_window=3)
+    batch = random_batch(batch=3, length=8, vocab=12)
+    batch["input_ids"][1, :4] = 0
+    batch["attention_mask"][1, :4] = 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[2, 5] = -100  # an ignored target inside a window: skipped, the others renormalised
+    out = model(**batch, labels=labels)
+    expected = window_reference(model, batch, labels, 3, 0.5, exclude_history)
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.allclose(out.loss, window_reference(model, batch, labels, 1, 0.5, exclude_history))
+    if not exclude_history:  # torch's cross-entropy with probability targets agrees
+        special = model.config.num_special_tokens
+        logits = model(**batch).logits[:, :-1]
+        keep = (labels[:, 1:] >= special) & batch["attention_mask"][:, :-1].bool()
+        soft = torch.zeros(*logits.shape[:2], logits.shape[-1] - special)
+        for b, t in keep.nonzero().tolist():
+            for j in range(1, 4):
+                if t + j < labels.shape[1] and labels[b, t + j] >= special:
+                    soft[b, t, labels[b, t + j] - special] += 0.5 ** (j - 1)
+        soft = soft[keep] / soft[keep].sum(1, keepdim=True)
+        torch.testing.assert_close(out.loss, F.cross_entropy(logits[keep][:, special:], soft))
+    out.loss.backward()
+    grad = model.model.embed_items.weight.grad.clone()
+    model.zero_grad()
+    window_reference(model, batch, labels, 3, 0.5, exclude_history).backward()
+    torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
+
+
+def test_target_window_of_one_is_the_next_item_loss():
+    batch = random_batch(batch=2, length=6)
+    labels = batch["input_ids"].clone()
+    plain = make_model(seed=3)(**batch, labels=labels).loss
+    torch.testing.assert_close(
+        make_model(seed=3, target_window=1, target_window_decay=0.9)(**batch, labels=labels).loss, plain
+    )
+
+
+def test_target_window_fields_are_checked():
+    from seqrec_hf import SeqRecConfig
+
+    with pytest.raises(ValueError, match="target_window"):
+        SeqRecConfig(target_window=3, loss_type="gbce")
+    with pytest.raises(ValueError, match="target_window_decay"):
+        SeqRecConfig(target_window_decay=0.0)
+    with pytest.raises(ValueError, match="target_window"):
+        SeqRecConfig(target_window=0)
+
+
 def test_label_smoothing_needs_full_ce():
     from seqrec_hf import SeqRecConfig
 
