@@ -509,7 +509,10 @@ class _FullCrossEntropy(torch.autograd.Function):
             del logits
             target_log_probs = log_probs.gather(1, chunk_targets).masked_fill(chunk_weights == 0, 0.0)
             total -= (target_log_probs * chunk_weights).sum()
-            if smoothing:  # the rest of the mass spread evenly over the row's candidates (finite logits)
+            if smoothing and history is None:  # the rest of the mass spread evenly over the catalog
+                share = smoothing / (log_probs.shape[1] - num_special)
+                total -= share * log_probs[:, num_special:].sum()
+            elif smoothing:  # ... over each row's own candidates (finite logits)
                 candidates = torch.isfinite(log_probs)
                 share = smoothing / candidates.sum(1, keepdim=True)  # (c, 1)
                 total -= (log_probs.masked_fill(~candidates, 0.0) * share).sum()
@@ -517,7 +520,9 @@ class _FullCrossEntropy(torch.autograd.Function):
                 continue
             probs = log_probs.exp_()  # softmax, in place
             probs.scatter_add_(1, chunk_targets, -chunk_weights)  # d loss / d logits = softmax - target mass
-            if smoothing:
+            if smoothing and history is None:
+                probs[:, num_special:] -= share
+            elif smoothing:
                 probs -= candidates * share
             probs = probs.to(weight.dtype)
             grad_hidden[start : start + chunk_size] = probs @ weight  # (c, d)
