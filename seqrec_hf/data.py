@@ -509,6 +509,7 @@ def load_sequences(
     drop_consecutive_repeats: bool = False,
     drop_last_user: bool = False,
     max_users: int | None = None,
+    drop_last_events: int = 0,
 ) -> datasets.Dataset:
     """Read an interaction file into one row per user: `user_id`, `item_ids` (+ `timestamps` when known).
 
@@ -524,6 +525,10 @@ def load_sequences(
         drop_last_user: Drop the user of the file's last line: for files truncated in the middle of a user,
             such as ml-1m-partial/ratings.first487650.dat.gz (user 2999 is cut; users 1-2998 are complete).
         max_users: Keep the first N users in order of first appearance (quick experiments).
+        drop_last_events: Drop each user's last N events, after every other filter. A leave-one-out split of
+            the result is the protocol's split "as of N events earlier": with N = 1 its test target is the
+            real validation item, so choices that depend on the test/validation gap can be studied without
+            ever looking at the real test items.
 
     Users keep the order of their first appearance in the file; each user's events are sorted by timestamp
     with a stable sort (files without timestamps are taken to be in time order already). Filters run in the
@@ -570,6 +575,14 @@ def load_sequences(
             users[user] = _keep(events, [i == 0 or items[i] != items[i - 1] for i in range(len(items))])
     if k_core is not None and k_core > 1:
         users = _k_core(users, k_core)
+    if drop_last_events:
+        if isinstance(drop_last_events, bool) or not isinstance(drop_last_events, int) or drop_last_events < 0:
+            raise ValueError(f"drop_last_events must be a non-negative integer, got {drop_last_events!r}")
+        kept = {
+            u: _keep(e, [i < len(e.items) - drop_last_events for i in range(len(e.items))]) for u, e in users.items()
+        }
+        users = {u: e for u, e in kept.items() if e.items}
+        report.append(f"dropped each user's last {drop_last_events} events (drop_last_events)")
     kept_events = sum(len(e.items) for e in users.values())
     if kept_events < num_events:
         report.append(f"kept {kept_events} events of {len(users)} users after filtering")

@@ -59,6 +59,7 @@ class TrainingRecipe:
     k_core: int | None = field(default=None, metadata={"help": "Iterative k-core filter."})
     drop_last_user: bool = field(default=False, metadata={"help": "Drop the (truncated) last user of the file."})
     max_users: int | None = field(default=None, metadata={"help": "Keep only the first N users."})
+    drop_last_events: int = field(default=0, metadata={"help": "Drop each user's last N events (shifted split)."})
     split: str = field(default="leave_one_out", metadata={"help": "'leave_one_out' or 'temporal'."})
     temporal_cutoff: str | None = field(default=None, metadata={"help": "Test cutoff of the temporal split."})
     temporal_validation_cutoff: str | None = field(default=None, metadata={"help": "Validation cutoff."})
@@ -237,6 +238,7 @@ def load_recipe_sequences(recipe: TrainingRecipe) -> datasets.Dataset:
         k_core=recipe.k_core,
         drop_last_user=recipe.drop_last_user,
         max_users=recipe.max_users,
+        drop_last_events=recipe.drop_last_events,
     )
 
 

@@ -150,6 +150,22 @@ def test_filters_k_core_repeats_last_user(tmp_path):
     assert list(as_dict(load_sequences(path, format="sequences", max_users=1))) == ["u"]
 
 
+def test_drop_last_events_shifts_the_split_by_whole_events(tmp_path):
+    from seqrec_hf.data import leave_one_out_split
+
+    path = write(tmp_path / "t.csv", "user,item,timestamp\nu,a,3\nu,b,1\nu,c,2\nu,d,4\nv,x,1\nw,p,1\nw,q,2\n")
+    rows = as_dict(load_sequences(path, drop_last_events=1))
+    assert (rows["u"]["item_ids"], rows["u"]["timestamps"]) == (["b", "c", "a"], [1, 2, 3])  # last in TIME order
+    assert rows["w"]["item_ids"] == ["p"] and "v" not in rows  # a user with nothing left is dropped
+    full = leave_one_out_split(load_sequences(path))
+    shifted = leave_one_out_split(load_sequences(path, drop_last_events=1))
+    # the shifted test target is the real validation target, with the same history
+    assert shifted["test"][0]["target"] == full["validation"][0]["target"] == "a"
+    assert shifted["test"][0]["item_ids"] == full["validation"][0]["item_ids"]
+    with pytest.raises(ValueError, match="drop_last_events"):
+        load_sequences(path, drop_last_events=-1)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------------
