@@ -77,9 +77,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run(data_dir: Path) -> list[dict]:
+def run(data_dir: Path, names: list[str] | None = None, drop_last_events: int = 0) -> list[dict]:
     results = []
     for name, relative, options, max_length in DATASETS:
+        if names and name not in names:
+            continue
+        if drop_last_events:
+            options = {**options, "drop_last_events": drop_last_events}
         path = data_dir / relative
         if not path.exists():
             raise SystemExit(f"{path} not found: set SEQREC_DATA_DIR or --data-dir to the research data folder")
@@ -134,6 +138,13 @@ def markdown(report: dict) -> str:
         "next item, popularity breaks ties and is the fallback.",
         "",
     ]
+    shift = next((r["load_options"].get("drop_last_events", 0) for r in report["results"]), 0)
+    if shift:
+        lines += [
+            f"**Shifted split:** every user's last {shift} events were dropped before splitting, so this is the"
+            " protocol's split as of that many events earlier (its test target is the real validation item).",
+            "",
+        ]
     for split in ("test", "validation"):
         lines += [f"## {split.capitalize()} split", ""]
         lines.append("| dataset | users | items | baseline | " + " | ".join(COLUMNS) + " |")
@@ -159,11 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     default_data = Path(os.environ.get("SEQREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
     parser.add_argument("--data-dir", type=Path, default=default_data)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--dataset", nargs="+", choices=[d[0] for d in DATASETS], help="only these data sets")
+    parser.add_argument(
+        "--drop-last-events",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the split as of N events earlier (N=1: the real validation item is the test target); writes "
+        "baselines-shift<N>.{md,json}",
+    )
     args = parser.parse_args(argv)
 
-    results = run(args.data_dir)
+    results = run(args.data_dir, args.dataset, args.drop_last_events)
+    stem = f"baselines-shift{args.drop_last_events}" if args.drop_last_events else "baselines"
     report = {
-        "command": "python benchmarks/baselines.py",
+        "command": " ".join(["python benchmarks/baselines.py", *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -173,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "baselines.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.output_dir / "baselines.md").write_text(markdown(report), encoding="utf-8")
-    print(f"wrote {args.output_dir / 'baselines.md'} and baselines.json")
+    (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (args.output_dir / f"{stem}.md").write_text(markdown(report), encoding="utf-8")
+    print(f"wrote {args.output_dir / stem}.md and {stem}.json")
     return 0
 
 
