@@ -72,10 +72,14 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def finished_run(path: Path, recipe) -> dict:
-    """The metrics.json of a finished run, if it was trained with exactly `recipe` (output_dir aside)."""
+    """The metrics.json of a finished run, if it was trained with exactly `recipe` (output_dir aside).
+
+    A field the run does not record was added to the recipe later: it counts as its default, which is what
+    the run trained with (new options are off by default)."""
     result = json.loads(path.read_text())
     recorded, wanted = result.get("recipe") or {}, dataclasses.asdict(recipe)
-    differ = sorted(k for k in wanted if k != "output_dir" and recorded.get(k) != wanted[k])
+    defaults = {f.name: f.default for f in dataclasses.fields(recipe) if f.default is not dataclasses.MISSING}
+    differ = sorted(k for k in wanted if k != "output_dir" and recorded.get(k, defaults.get(k)) != wanted[k])
     if differ:
         details = ", ".join(f"{k}: {recorded.get(k)!r} there, {wanted[k]!r} here" for k in differ)
         raise ValueError(f"{path}: trained with another recipe ({details}); remove it or drop --reuse")

@@ -121,6 +121,15 @@ def test_quality_reuse_collects_seeds_trained_separately(recipe, results_dir, tm
     with pytest.raises(ValueError, match="hidden_size: 32 there, 48 here"):
         quality.main(common + ["--seeds", "1", "--reuse", "--set", "hidden_size=48"])
 
+    # a run recorded before a recipe field existed counts as trained with that field's default
+    path = tmp_path / "runs" / "tiny" / "default" / "seed1" / "metrics.json"
+    older = json.loads(path.read_text())
+    del older["recipe"]["label_smoothing"]
+    path.write_text(json.dumps(older))
+    assert quality.main(common + ["--seeds", "1", "--reuse"]) == 0
+    with pytest.raises(ValueError, match="label_smoothing: None there, 0.1 here"):
+        quality.main(common + ["--seeds", "1", "--reuse", "--set", "label_smoothing=0.1"])
+
 
 def test_gpu_benchmark_runs_on_cpu_and_counts_flops(tmp_path):
     import gpu
