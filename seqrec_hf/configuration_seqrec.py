@@ -12,6 +12,16 @@ from transformers import PreTrainedConfig
 _LOSS_TYPES = ("full_ce", "sampled_softmax", "gbce")
 
 
+def _is_int(value) -> bool:
+    """An int that is not a bool (YAML `true` must not pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @strict
 class SeqRecConfig(PreTrainedConfig):
     r"""Hyper-parameters of a decoder-only next-item Transformer (SASRec/HSTU family).
@@ -155,7 +165,7 @@ class SeqRecConfig(PreTrainedConfig):
             "recommend_chunk_size",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"SeqRecConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
@@ -174,9 +184,9 @@ class SeqRecConfig(PreTrainedConfig):
         if self.norm_style not in ("pre", "post"):
             raise ValueError(f"SeqRecConfig.norm_style must be 'pre' or 'post', got {self.norm_style!r}")
         mix = self.filter_mix
-        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
+        if not _is_number(mix) or not 0.0 <= mix <= 1.0:
             raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {mix!r}")
-        if isinstance(self.filter_window, bool) or not isinstance(self.filter_window, int) or self.filter_window < 0:
+        if not _is_int(self.filter_window) or self.filter_window < 0:
             raise ValueError(f"SeqRecConfig.filter_window must be a non-negative integer, got {self.filter_window!r}")
         for name in ("layer_norm_eps", "initializer_range"):
             value = getattr(self, name)
@@ -186,7 +196,7 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.time_bucket_base must be > 1, got {self.time_bucket_base!r}")
         if self.hidden_act not in ("gelu", "relu", "silu"):
             raise ValueError(f"SeqRecConfig.hidden_act must be 'gelu', 'relu' or 'silu', got {self.hidden_act!r}")
-        if isinstance(self.num_negatives, bool) or not isinstance(self.num_negatives, int) or self.num_negatives < 0:
+        if not _is_int(self.num_negatives) or self.num_negatives < 0:
             raise ValueError(f"SeqRecConfig.num_negatives must be a non-negative integer, got {self.num_negatives!r}")
         if self.loss_type == "gbce" and self.num_negatives < 1:
             raise ValueError("SeqRecConfig.num_negatives must be >= 1 for loss_type='gbce'")
@@ -201,7 +211,7 @@ class SeqRecConfig(PreTrainedConfig):
         if self.target_window > 1 and self.loss_type != "full_ce":
             raise ValueError("SeqRecConfig.target_window > 1 is implemented for loss_type='full_ce' only")
         decay = self.target_window_decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+        if not _is_number(decay) or not 0.0 < decay <= 1.0:
             raise ValueError(f"SeqRecConfig.target_window_decay must be in (0, 1], got {decay!r}")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
