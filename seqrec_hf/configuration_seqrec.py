@@ -37,7 +37,10 @@ class SeqRecConfig(PreTrainedConfig):
         attention_dropout: Dropout on attention probabilities.
         max_position_embeddings: Longest history the model reads (learned absolute positions).
         position_embedding_type: `"absolute"`: a learned embedding of each event's index, counted from the
-            user's first event, is added to its item embedding (SASRec). `"none"`: no position embedding;
+            user's first event, is added to its item embedding (SASRec). `"from_end"`: the index counted back
+            from the latest event (0 = most recent; BSARec/FMLP-Rec pad on the left and number the slots, which
+            is the same thing), so a position means "k events ago"; train it on prefix rows
+            (`data.prefix_rows`), where the predicting position is always the latest. `"none"`: no position embedding;
             order then comes only from the causal mask, the low-pass filter and the relative biases, so
             the model's view of a history does not depend on how long the user has been around.
         embedding_norm: LayerNorm on the summed input embeddings before dropout (as in S3-Rec/BSARec). The
@@ -176,9 +179,9 @@ class SeqRecConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"SeqRecConfig.{name} must be in [0, 1), got {value!r}")
-        if self.position_embedding_type not in ("absolute", "none"):
+        if self.position_embedding_type not in ("absolute", "from_end", "none"):
             raise ValueError(
-                "SeqRecConfig.position_embedding_type must be 'absolute' or 'none',"
+                "SeqRecConfig.position_embedding_type must be 'absolute', 'from_end' or 'none',"
                 f" got {self.position_embedding_type!r}"
             )
         if self.norm_style not in ("pre", "post"):

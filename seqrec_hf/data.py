@@ -813,6 +813,81 @@ def sliding_windows(ds: datasets.Dataset, max_length: int, stride: int | None = 
     return ds.map(expand, batched=True, desc="sliding windows")
 
 
+def prefix_rows(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Every prefix of every history as its own training row: `item_ids` = the (at most `max_length`) events
+    before event k, `target` = event k, for k = 1 .. len - 1 (BSARec/FMLP-Rec/ICSRec's training samples).
+
+    With the collator, such rows train only the last position, which is where evaluation and serving read the
+    user state, and positions counted from the end (`position_embedding_type="from_end"`) then mean the
+    same in training as at serving time. `timestamps` are cut the same way, the target's time becomes
+    `target_timestamp` (the request time at evaluation); other scalar columns are copied.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+
+    def expand(batch: dict[str, list]) -> dict[str, list]:
+        with_time = "timestamps" in batch
+        out: dict[str, list] = {name: [] for name in batch}
+        out["target"] = []
+        if with_time:
+            out["target_timestamp"] = []
+        for row in range(len(batch["item_ids"])):
+            items = batch["item_ids"][row]
+            for k in range(1, len(items)):
+                begin = max(0, k - max_length)
+                for name, values in batch.items():
+                    value = values[row]
+                    sliced = isinstance(value, list) and len(value) == len(items)
+                    out[name].append(value[begin:k] if sliced else value)
+                out["target"].append(items[k])
+                if with_time:
+                    out["target_timestamp"].append(batch["timestamps"][row][k])
+        return out
+
+    return ds.map(expand, batched=True, remove_columns=ds.column_names, desc="prefix rows")
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Random order in which each run of `batch_size` indices has similar lengths (little padding).
+
+    As `transformers`' sampler of that name: shuffle, cut into mega-batches of `mega_batches` batches, sort
+    each by length; then the batches themselves are shuffled (the last, partial one stays last, so a
+    DataLoader with the same `batch_size` cuts exactly these batches). Prefix rows range from 1 to
+    `max_length` events: random batches would pad nearly every row to the longest, ~7x the encoder work
+    on Beauty. The order depends only on (seed, epoch): `set_epoch` (Accelerate calls it) makes a resumed
+    run see the batches an uninterrupted one would.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50):
+        if batch_size < 1 or mega_batches < 1:
+            raise ValueError(f"batch_size and mega_batches must be >= 1, got {batch_size} and {mega_batches}")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega_batches = mega_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
+        mega = self.batch_size * self.mega_batches
+        groups = []
+        for start in range(0, len(order), mega):
+            group = order[start : start + mega]
+            groups.append(group[torch.argsort(self.lengths[group], descending=True, stable=True)])
+        batches = list(torch.cat(groups).split(self.batch_size)) if groups else []
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [b for b in batches if len(b) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + rest
+        return iter(torch.cat(shuffled).tolist() if shuffled else [])
+
+
 def _pad_left(sequences: Sequence[Sequence[int]], pad_value: int, width: int) -> torch.Tensor:
     """(B, width) long tensor, each row right-aligned (most recent value last)."""
     rows = [[pad_value] * (width - len(values)) + list(values) for values in sequences]
@@ -856,7 +931,8 @@ def pad_histories(
 
 @dataclass
 class SeqRecCollator:
-    """Turn sequence rows into a training batch with next-item targets at every position.
+    """Turn sequence rows into a training batch with next-item targets at every position (or, for rows with
+    a `target`, such as `prefix_rows`, one target after the last position: `labels` is then (B,)).
 
     Rows carry `item_ids` (raw ids, converted with `tokenizer.convert_items_to_ids`) or already-tokenized
     `input_ids`, and optionally `timestamps`. Keeps the most recent `max_length` events, pads on the LEFT
@@ -894,7 +970,15 @@ class SeqRecCollator:
             pad_to_multiple_of=self.pad_to_multiple_of,
         )
         num_special = getattr(self.tokenizer, "num_special_tokens", 2)
-        labels = batch["input_ids"].clone()
+        if all("target" in f for f in features):  # prefix rows: one target, after the last event
+            targets = [f["target"] for f in features]
+            if not all("input_ids" in f for f in features):  # raw ids, like the inputs
+                targets = self.tokenizer.convert_items_to_ids(targets)
+            labels = torch.tensor(targets, dtype=torch.long)
+            if all(f.get("target_timestamp") is not None for f in features) and "timestamps" in batch:
+                batch["query_timestamps"] = torch.tensor([f["target_timestamp"] for f in features], dtype=torch.long)
+        else:
+            labels = batch["input_ids"].clone()
         labels[labels < num_special] = -100  # padding and [UNK] are never targets
         batch["labels"] = labels
         return batch

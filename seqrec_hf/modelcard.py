@@ -245,6 +245,8 @@ def render_model_card(
         architecture += f", causal low-pass branch (weight {mix}, moving average over the {span})"
     if setting("position_embedding_type") == "none":
         architecture += ", no position embeddings"
+    elif setting("position_embedding_type") == "from_end":
+        architecture += ", positions counted back from the latest event"
     hyper_names = (
         "max_length",
         "hidden_size",

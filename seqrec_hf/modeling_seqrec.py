@@ -5,7 +5,8 @@ item embeddings) with an optional HSTU-style relative attention bias from log-bu
 
 Conventions used everywhere in this file:
 - Left padding: the most recent event is always at the last position, so `hidden[:, -1]` is the user state.
-- Position ids count from each user's first real event, so extra left padding changes nothing.
+- Position ids count from each user's first real event (or back from the latest with `from_end`), so extra
+  left padding changes nothing.
 - Timestamps (int64 seconds) drive the time bias: the query at position i is the time of the event being
   predicted (t[i+1]; at the last position `query_timestamps` or, if absent, t[-1]); its keys are the times of
   the events it attends to. So the output at position i depends on items up to i and timestamps up to i+1.
@@ -354,7 +355,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
         self.embed_items = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embed_positions = (
             nn.Embedding(config.max_position_embeddings, config.hidden_size)
-            if config.position_embedding_type == "absolute"
+            if config.position_embedding_type in ("absolute", "from_end")
             else None
         )
         self.embed_time_gaps = SeqRecTimeGapEmbedding(config) if config.use_time_gap_embedding else None
@@ -428,7 +429,11 @@ class SeqRecModel(SeqRecPreTrainedModel):
             input_ids = input_ids.masked_fill(dropped, self.config.unk_token_id)
         hidden_states = self.embed_items(input_ids)
         if self.embed_positions is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # first real event -> 0
+            real = attention_mask.long()
+            if self.config.position_embedding_type == "from_end":  # the latest event -> 0
+                position_ids = (real.flip(-1).cumsum(-1).flip(-1) - 1).clamp(min=0)
+            else:  # the first real event -> 0
+                position_ids = (real.cumsum(-1) - 1).clamp(min=0)
             hidden_states = hidden_states + self.embed_positions(position_ids)
         if self.embed_time_gaps is not None:
             gaps = query_times(timestamps, query_timestamps) - timestamps.long()  # (B, T)
@@ -663,7 +668,8 @@ def next_item_loss(
 ) -> torch.Tensor:
     """Next-item loss averaged over the real target positions.
 
-    Labels are aligned with the inputs and shifted here (position t predicts labels[t + 1]). Only real
+    Labels (B, T) are aligned with the inputs and shifted here (position t predicts labels[t + 1]); labels (B,)
+    are one target per row, predicted by its last position (prefix rows, see `data.prefix_rows`). Only real
     (non-padding) positions predict, and targets that are -100 or special ids are ignored. Those positions
     are gathered first (padding never reaches the output layer) and scored `chunk_size` at a time (full CE:
     at most `MAX_LOGITS_PER_CHUNK` logits; gradients computed in the same pass; sampled losses: chunks
@@ -679,17 +685,19 @@ def next_item_loss(
     target_window k > 1 (full CE only): position t's target distribution covers the next k events of its
     sequence, event t + j weighted decay^(j - 1) and the weights normalised over the events that exist.
     """
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = (targets >= num_special_tokens) & attention_mask[:, :-1].bool()
-    hidden = hidden_states[:, :-1][keep]  # (N, d)
-    targets = targets[keep]
-    num = targets.numel()
-    if num == 0:
-        return hidden_states.sum() * 0.0
-    vocab_size = item_weight.shape[0]
-    if loss_type == "full_ce":
-        weights = None
+    weights = history = None
+    if labels.dim() == 1:  # one target per row, after its last event (prefix rows): the last position predicts
         if target_window > 1:
+            raise ValueError("target_window > 1 needs (batch, seq_len) labels: a row with one target has no window")
+        keep = labels >= num_special_tokens
+        hidden, targets = hidden_states[:, -1][keep], labels[keep]
+        if history_ids is not None and loss_type == "full_ce":  # padding -> 0, a special id, never a candidate
+            history = history_ids.masked_fill(~attention_mask.bool(), 0).clamp(min=0)[keep]  # (N, T)
+    else:
+        shifted = labels[:, 1:]  # (B, T-1)
+        keep = (shifted >= num_special_tokens) & attention_mask[:, :-1].bool()
+        hidden, targets = hidden_states[:, :-1][keep], shifted[keep]  # (N, d), (N,)
+        if target_window > 1 and loss_type == "full_ce":
             future = torch.stack(
                 [F.pad(labels[:, j:], (0, j - 1), value=-100) for j in range(1, target_window + 1)], dim=-1
             )[keep]  # (N, k): event t + j of the same sequence, -100 past its end
@@ -697,12 +705,15 @@ def next_item_loss(
             weights = decay * (future >= num_special_tokens)
             weights = weights / weights.sum(1, keepdim=True)  # column 0 is the next event: never empty
             targets = future.clamp(min=0)  # unused slots point at a special id with weight 0
-        history = None
-        if history_ids is not None:
+        if history_ids is not None and loss_type == "full_ce":
             seq_len = history_ids.shape[1]
             seen = torch.ones(seq_len - 1, seq_len, dtype=torch.bool, device=history_ids.device).tril()  # t sees <= t
             history = history_ids[:, None, :].masked_fill(~seen, 0).clamp(min=0)  # (B, T-1, T); 0 is special
             history = history[keep]  # (N, T)
+    num = hidden.shape[0]
+    if num == 0:
+        return hidden_states.sum() * 0.0
+    if loss_type == "full_ce":
         total = full_cross_entropy_sum(
             hidden, item_weight, targets, num_special_tokens, chunk_size, history, label_smoothing, weights
         )
@@ -711,6 +722,35 @@ def next_item_loss(
         raise ValueError("excluding the history from the loss is implemented for loss_type='full_ce' only")
     if label_smoothing or target_window > 1:
         raise ValueError("label smoothing and target windows are implemented for loss_type='full_ce' only")
+    total = _sampled_loss_sum(
+        hidden,
+        targets,
+        item_weight,
+        num_special_tokens,
+        chunk_size,
+        loss_type,
+        num_negatives,
+        in_batch_negatives,
+        gbce_t,
+    )
+    return total / num
+
+
+def _sampled_loss_sum(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_weight: torch.Tensor,
+    num_special_tokens: int,
+    chunk_size: int,
+    loss_type: str,
+    num_negatives: int,
+    in_batch_negatives: bool,
+    gbce_t: float,
+) -> torch.Tensor:
+    """Summed sampled softmax or gBCE over the rows of `hidden` (N, d), `chunk_size` rows at a time (each
+    chunk recomputed in the backward pass)."""
+    num = targets.numel()
+    vocab_size = item_weight.shape[0]
     if loss_type == "sampled_softmax":
         candidates, log_q = _sampled_candidates(
             targets, num_negatives, in_batch_negatives, num_special_tokens, vocab_size
@@ -732,7 +772,7 @@ def next_item_loss(
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, num, chunk_size):
             total = total + checkpoint(fn, *chunk_args(start, start + chunk_size), use_reentrant=False)
-    return total / num
+    return total
 
 
 def _as_allowed_mask(allowed_items, vocab_size: int, device: torch.device) -> torch.Tensor:

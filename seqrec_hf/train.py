@@ -11,6 +11,7 @@ when complete; `--resume` restarts from the latest complete one with the same da
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -31,11 +32,21 @@ import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from .configuration_seqrec import SeqRecConfig
-from .data import SeqRecCollator, leave_one_out_split, load_sequences, sliding_windows, temporal_split
+from .data import (
+    LengthGroupedSampler,
+    SeqRecCollator,
+    leave_one_out_split,
+    load_sequences,
+    prefix_rows,
+    sliding_windows,
+    temporal_split,
+)
 from .evaluation import evaluate, format_metrics_table, model_score_fn
 from .modeling_seqrec import SeqRecForNextItemPrediction
 from .tokenization_seqrec import ItemTokenizer
@@ -60,6 +71,10 @@ class TrainingRecipe:
     drop_last_user: bool = field(default=False, metadata={"help": "Drop the (truncated) last user of the file."})
     max_users: int | None = field(default=None, metadata={"help": "Keep only the first N users."})
     drop_last_events: int = field(default=0, metadata={"help": "Drop each user's last N events (shifted split)."})
+    log_test_metrics: bool = field(
+        default=False,
+        metadata={"help": "Shifted split only: log test metrics at every validation (never used for selection)."},
+    )
     split: str = field(default="leave_one_out", metadata={"help": "'leave_one_out' or 'temporal'."})
     temporal_cutoff: str | None = field(default=None, metadata={"help": "Test cutoff of the temporal split."})
     temporal_validation_cutoff: str | None = field(default=None, metadata={"help": "Validation cutoff."})
@@ -76,7 +91,7 @@ class TrainingRecipe:
     hidden_dropout_prob: float = 0.2
     attention_dropout: float = 0.2
     embedding_norm: bool = field(default=False, metadata={"help": "LayerNorm on the input embeddings."})
-    position_embedding_type: str = field(default="absolute", metadata={"help": "'absolute' or 'none'."})
+    position_embedding_type: str = field(default="absolute", metadata={"help": "'absolute', 'from_end' or 'none'."})
     use_position_bias: bool = field(default=False, metadata={"help": "Relative position attention bias."})
     norm_style: str = field(default="pre", metadata={"help": "'pre' or 'post' LayerNorm in each block."})
     filter_mix: float = field(default=0.0, metadata={"help": "Weight of the causal low-pass branch (0: off)."})
@@ -104,11 +119,19 @@ class TrainingRecipe:
     warmup_steps: int = 100
     lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "transformers scheduler name."})
     max_grad_norm: float = 1.0
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "Validate, select and save an exponential moving average of the weights."}
+    )
     num_epochs: int = 50
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' (CPU/GPU) or 'fp16' (GPU)."})
     seed: int = 42
     sliding_window_stride: int | None = field(default=None, metadata={"help": "Cut long histories (None: off)."})
+    train_rows: str = field(
+        default="sequences",
+        metadata={"help": "'sequences' (one row per user, every position predicts) or 'prefixes' (one per target)."},
+    )
+    group_by_length: bool = field(default=False, metadata={"help": "Batch rows of similar length (less padding)."})
     # evaluation and checkpoints
     eval_every_steps: int = field(default=0, metadata={"help": "Validate every N steps (0: every epoch)."})
     eval_batch_size: int = 256
@@ -130,6 +153,19 @@ class TrainingRecipe:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length < 2:
             raise ValueError("max_length must be >= 2")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.train_rows not in ("sequences", "prefixes"):
+            raise ValueError(f"train_rows must be 'sequences' or 'prefixes', got {self.train_rows!r}")
+        if self.train_rows == "prefixes" and self.sliding_window_stride:
+            raise ValueError("sliding_window_stride applies to train_rows='sequences' (prefix rows cover every target)")
+        if self.train_rows == "prefixes" and self.target_window > 1:
+            raise ValueError("target_window > 1 needs train_rows='sequences' (a prefix row has one target)")
+        if self.log_test_metrics and self.drop_last_events < 1:
+            raise ValueError(
+                "log_test_metrics needs drop_last_events >= 1: test curves are logged only on a shifted split, whose"
+                " test target is a real validation item; the real test split is read once, after training"
+            )
 
     def model_config(self, vocab_size: int) -> SeqRecConfig:
         """The model config: every recipe field that `SeqRecConfig` also has, under the same name, so a new
@@ -246,7 +282,7 @@ def prepare_data(recipe: TrainingRecipe, tokenizer: ItemTokenizer | None = None)
     """Load, split and tokenize: returns (splits, tokenizer, train_rows).
 
     The catalog is every item of the data set (full-ranking protocol). Training rows are the train split,
-    cut into windows when `sliding_window_stride` is set.
+    cut into windows when `sliding_window_stride` is set, or every prefix of it with `train_rows='prefixes'`.
     """
     sequences = load_recipe_sequences(recipe)
     if recipe.split == "temporal":
@@ -259,10 +295,32 @@ def prepare_data(recipe: TrainingRecipe, tokenizer: ItemTokenizer | None = None)
     train_rows = splits["train"].filter(lambda row: len(row["item_ids"]) >= 2, desc="rows with a target")
     if recipe.sliding_window_stride:
         train_rows = sliding_windows(train_rows, recipe.max_length, recipe.sliding_window_stride)
-    train_rows = train_rows.remove_columns([c for c in train_rows.column_names if c not in ("item_ids", "timestamps")])
     if not (recipe.use_time_bias or recipe.use_time_gap_embedding) and "timestamps" in train_rows.column_names:
         train_rows = train_rows.remove_columns("timestamps")
+    train_rows = train_rows.remove_columns([c for c in train_rows.column_names if c not in ("item_ids", "timestamps")])
+    if recipe.train_rows == "prefixes":
+        train_rows = prefix_rows(train_rows, recipe.max_length)
     return splits, tokenizer, train_rows
+
+
+def training_loader(recipe: TrainingRecipe, train_rows: datasets.Dataset, collator) -> torch.utils.data.DataLoader:
+    """Shuffled training batches; with `group_by_length`, batches of rows of similar length (same seed and
+    epoch, same batches: resumable)."""
+    if recipe.group_by_length:
+        lengths = [min(len(items), recipe.max_length) for items in train_rows["item_ids"]]
+        sampler = LengthGroupedSampler(lengths, recipe.batch_size, seed=recipe.seed)
+        return torch.utils.data.DataLoader(
+            train_rows, batch_size=recipe.batch_size, sampler=sampler, collate_fn=collator
+        )
+    # A dedicated generator: creating a DataLoader iterator (at each epoch, or on resume) must not draw from
+    # the global RNG, or dropout masks after a resume would differ from those of an uninterrupted run.
+    return torch.utils.data.DataLoader(
+        train_rows,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(recipe.seed),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,7 +339,9 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda p: int(p.name[5:]), default=None)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep: int, average: WeightAverage | None = None
+) -> Path:
     """`save_state` into a temporary folder, then rename: a crash mid-write never leaves a half checkpoint."""
     folder = output_dir / "checkpoints"
     final = folder / f"step-{state['global_step']}"
@@ -293,6 +353,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict[str,
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if average is not None:
+            average.save(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -320,6 +382,56 @@ def save_pretrained_atomic(model, tokenizer, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------------------
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights, kept in fp32 beside the training model.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so the random initial weights are forgotten quickly.
+    `averaged()` returns a copy of the model holding the average (what is validated, selected and saved);
+    checkpoints store it as `ema.safetensors`, so a resumed run continues the same average.
+    """
+
+    FILE = "ema.safetensors"
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.steps = 0
+        self.model = model
+        self.names = [name for name, _ in model.named_parameters()]  # tied weights appear once
+        self.shadow = [p.detach().float().clone() for p in model.parameters()]
+        self._copy: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        params = [p.detach().float() for p in self.model.parameters()]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
+
+    @torch.no_grad()
+    def averaged(self) -> torch.nn.Module:
+        if self._copy is None:
+            self._copy = copy.deepcopy(self.model)
+        for target, value in zip(self._copy.parameters(), self.shadow):
+            target.copy_(value)
+        return self._copy.eval()
+
+    def save(self, folder: Path) -> None:
+        tensors = dict(zip(self.names, self.shadow))
+        save_file(tensors, str(folder / self.FILE), metadata={"steps": str(self.steps)})
+
+    def load(self, folder: Path) -> None:
+        path = folder / self.FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the checkpoint has no weight average but the recipe sets ema_decay")
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            self.steps = int(handle.metadata()["steps"])
+        missing = [name for name in self.names if name not in tensors]
+        if missing:
+            raise ValueError(f"{path}: no average for {missing[:5]}: the checkpoint belongs to another model")
+        self.shadow = [tensors[name].to(value.device) for name, value in zip(self.names, self.shadow)]
 
 
 def run_evaluation(accelerator, model, rows, tokenizer, recipe, desc: str) -> dict[str, float]:
@@ -359,15 +471,7 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
 
     splits, tokenizer, train_rows = prepare_data(recipe)
     collator = SeqRecCollator(tokenizer, max_length=recipe.max_length)
-    # A dedicated generator: creating a DataLoader iterator (at each epoch, or on resume) must not draw from
-    # the global RNG, or dropout masks after a resume would differ from those of an uninterrupted run.
-    loader = torch.utils.data.DataLoader(
-        train_rows,
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(recipe.seed),
-    )
+    loader = training_loader(recipe, train_rows, collator)
     model = SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer)))
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -386,6 +490,7 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
         num_training_steps=total_steps * accelerator.num_processes,
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    average = WeightAverage(accelerator.unwrap_model(model), recipe.ema_decay) if recipe.ema_decay > 0 else None
 
     state = {"global_step": 0, "epoch": 0, "best_ndcg": -1.0, "best_step": 0, "bad_evals": 0, "tokens": 0}
     state["train_seconds"] = 0.0
@@ -406,6 +511,8 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if average is not None:
+            average.load(checkpoint)
         state.update(json.loads((checkpoint / STATE_FILE).read_text()))
         _apply_new_learning_rate(optimizer, scheduler, state.get("learning_rate"), recipe.learning_rate)
         state["learning_rate"] = recipe.learning_rate
@@ -442,8 +549,9 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            # real target positions (labels shifted by one, padding and [UNK] excluded), all processes
-            targets = ((batch["labels"][:, 1:] >= 0) & batch["attention_mask"][:, :-1].bool()).sum()
+            if average is not None and accelerator.sync_gradients:
+                average.update()
+            targets = count_targets(batch)
             window["tokens"] += int(accelerator.reduce(targets, reduction="sum"))
             window["loss"] += mean_loss
             window["batches"] += 1
@@ -471,22 +579,28 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
                     with open(log_path, "a", encoding="utf-8") as log:
                         log.write(json.dumps(record) + "\n")
             if step % eval_every == 0 or step == total_steps:
-                metrics = run_evaluation(accelerator, model, splits["validation"], tokenizer, recipe, "validation")
+                scored = average.averaged() if average is not None else model  # the model that is selected
+                metrics = run_evaluation(accelerator, scored, splits["validation"], tokenizer, recipe, "validation")
                 if is_main:
                     improved = metrics["NDCG@10"] > state["best_ndcg"]
                     if improved:
                         state.update(best_ndcg=metrics["NDCG@10"], best_step=step, bad_evals=0)
-                        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, best_dir)
+                        save_pretrained_atomic(accelerator.unwrap_model(scored), tokenizer, best_dir)
                     else:
                         state["bad_evals"] += 1
+                record = {"step": step, "epoch": epoch, "validation": metrics}
+                if recipe.log_test_metrics:  # shifted split only (checked in the recipe): a monitor, not a selector
+                    record["test"] = run_evaluation(accelerator, scored, splits["test"], tokenizer, recipe, "test")
+                model.train()
+                if is_main:
                     with open(log_path, "a", encoding="utf-8") as log:
-                        log.write(json.dumps({"step": step, "epoch": epoch, "validation": metrics}) + "\n")
+                        log.write(json.dumps(record) + "\n")
                 state = broadcast_state(accelerator, state)
                 step_start = time.perf_counter()
             if step % save_every == 0 or step == total_steps:
                 if step % steps_per_epoch == 0:
                     state["epoch"] = epoch + 1
-                save_checkpoint(accelerator, output_dir, state, recipe.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, state, recipe.keep_checkpoints, average)
                 step_start = time.perf_counter()
             if step >= total_steps or state["bad_evals"] >= recipe.early_stopping_patience:
                 stop = True
@@ -495,6 +609,15 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
             state["epoch"] = epoch + 1
     progress.close()
     return finish(accelerator, recipe, tokenizer, splits, state)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real target positions of a batch (labels shifted by one, padding and [UNK] excluded; prefix rows: one
+    per row with a known target)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return (labels >= 0).sum()
+    return ((labels[:, 1:] >= 0) & batch["attention_mask"][:, :-1].bool()).sum()
 
 
 def _apply_new_learning_rate(optimizer, scheduler, saved: float | None, wanted: float) -> None:

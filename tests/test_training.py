@@ -59,7 +59,7 @@ def test_recipe_errors_name_the_field(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_kill_is_bit_identical(tmp_path):
-    args = TINY + ["max_steps=40", "save_every_steps=5", "eval_every_steps=20", "use_time_bias=true"]
+    args = TINY + ["max_steps=40", "save_every_steps=5", "eval_every_steps=20", "use_time_bias=true", "ema_decay=0.9"]
     full = run_train(["--output-dir", str(tmp_path / "full"), *args])
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
