@@ -58,6 +58,12 @@ class SeqRecConfig(PreTrainedConfig):
         item_dropout: Training-time augmentation: each real input event is replaced by the unknown-item token
             with this probability (targets are untouched). Like word dropout, it makes the model predict from
             incomplete histories instead of leaning on one recent item; off at evaluation.
+        item_graph_layers: Hops K of item-graph smoothing (0: off). Item vectors (inputs and scores) become
+            E + sum_k g_k A^k E, A the normalised item-item transition graph of the training histories (stored
+            with the weights), g_k learned gains. Rare items borrow the representation of the items they are
+            bought next to (graph-enhanced embeddings as in LightGCN/GCE-GNN).
+        item_graph_gain: Initial gain g_k of every hop.
+        item_graph_edges: Number of stored graph edges (set by training from the data; sizes the buffers).
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal weight initialisation.
         tie_word_embeddings: Score items with the item embedding matrix (the output layer is tied to the
@@ -119,6 +125,9 @@ class SeqRecConfig(PreTrainedConfig):
     filter_mix: float = 0.0
     filter_window: int = 0
     item_dropout: float = 0.0
+    item_graph_layers: int = 0
+    item_graph_gain: float = 1.0
+    item_graph_edges: int = 0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
@@ -191,6 +200,12 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {mix!r}")
         if not _is_int(self.filter_window) or self.filter_window < 0:
             raise ValueError(f"SeqRecConfig.filter_window must be a non-negative integer, got {self.filter_window!r}")
+        for name in ("item_graph_layers", "item_graph_edges"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"SeqRecConfig.{name} must be a non-negative integer, got {value!r}")
+        if not _is_number(self.item_graph_gain):
+            raise ValueError(f"SeqRecConfig.item_graph_gain must be a number, got {self.item_graph_gain!r}")
         for name in ("layer_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:

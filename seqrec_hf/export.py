@@ -54,10 +54,21 @@ class SeqRecServingModule(nn.Module):
         self.chunk_size = chunk_size or model.config.recommend_chunk_size
         self.exclude_history = exclude_history
         self.time_aware = bool(model.config.uses_timestamps)
+        # An item graph is fixed after training: bake the smoothed table in (sparse ops do not export).
+        table = None
+        if model.model.item_graph is not None:
+            with torch.no_grad():
+                table = model.item_table().detach().clone()
+        self.register_buffer("table", table)
 
     def user_vectors(self, input_ids, attention_mask, timestamps=None, query_timestamps=None) -> torch.Tensor:
+        tied = self.table is not None and self.model.config.tie_word_embeddings
         hidden = self.model.model(
-            input_ids, attention_mask=attention_mask, timestamps=timestamps, query_timestamps=query_timestamps
+            input_ids,
+            attention_mask=attention_mask,
+            timestamps=timestamps,
+            query_timestamps=query_timestamps,
+            item_table=self.table if tied else None,
         ).last_hidden_state
         return hidden[:, -1]  # (B, d): left padding puts the latest event last
 
@@ -65,7 +76,7 @@ class SeqRecServingModule(nn.Module):
         user_state = self.user_vectors(input_ids, attention_mask, timestamps, query_timestamps)
         if self.top_k is None:
             return user_state
-        weight = self.model.item_head.weight
+        weight = self.model.item_head.weight if self.table is None else self.table
         vocab_size = weight.shape[0]
         first = self.model.config.num_special_tokens
         history = input_ids.masked_fill(attention_mask == 0, -1)  # (B, T); padding never matches an item

@@ -236,6 +236,64 @@ class SeqRecLowPassFilter(nn.Module):
         return low + self.sqrt_beta.square() * (hidden_states - low)
 
 
+class SeqRecItemGraph(nn.Module):
+    """Item embeddings smoothed over the item-item transition graph of the training data.
+
+    E' = E + sum_k g_k * A^k E, where A is the symmetrically normalised count of "i then j" transitions
+    (both directions; `build_item_graph`) and g_k a learned gain per hop (`item_graph_gain` at init). A rare
+    item, trained as a target only a few times, then shares the representation of the items it is bought
+    next to, and every user state that is near those items is near it too. The graph is stored as COO
+    buffers (`index` (2, E), `value` (E,)) in the checkpoint; its size is `config.item_graph_edges`.
+    """
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__()
+        self.register_buffer("index", torch.zeros(2, config.item_graph_edges, dtype=torch.long))
+        self.register_buffer("value", torch.zeros(config.item_graph_edges))
+        self.gain = nn.Parameter(torch.full((config.item_graph_layers,), float(config.item_graph_gain)))
+
+    def set_graph(self, index: torch.Tensor, value: torch.Tensor) -> None:
+        if index.shape != self.index.shape or value.shape != self.value.shape:
+            raise ValueError(
+                f"the graph has {value.numel()} edges but config.item_graph_edges={self.value.numel()}:"
+                " build the model from a config made with that edge count"
+            )
+        self.index.copy_(index)
+        self.value.copy_(value)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        vocab_size = weight.shape[0]
+        keep = (self.index < vocab_size).all(0)  # a vocabulary cut after training drops its edges
+        adjacency = torch.sparse_coo_tensor(
+            self.index[:, keep], self.value[keep], (vocab_size, vocab_size), is_coalesced=True, check_invariants=False
+        )  # built coalesced (sorted, unique) by `build_item_graph`
+        with torch.autocast(weight.device.type, enabled=False):
+            hop, out = weight.float(), weight.float()
+            for gain in self.gain:
+                hop = torch.sparse.mm(adjacency, hop)
+                out = out + gain * hop
+        return out.to(weight.dtype)
+
+
+def build_item_graph(
+    histories: list[list[int]], vocab_size: int, num_special: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """COO (index, value) of the symmetric transition graph: S_ij = #(i then j) + #(j then i) over consecutive
+    events of `histories` (token ids; special ids and self-transitions skipped), normalised as
+    D^-1/2 S D^-1/2 with D the row sums (LightGCN), so a hop averages neighbours without favouring hubs."""
+    pairs = [(a, b) for ids in histories for a, b in zip(ids, ids[1:]) if a >= num_special and b >= num_special]
+    pairs = [(a, b) for a, b in pairs if a != b]
+    if not pairs:
+        return torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
+    both = torch.tensor(pairs, dtype=torch.long).t()
+    both = torch.cat([both, both.flip(0)], dim=1)
+    keys, counts = (both[0] * vocab_size + both[1]).unique(return_counts=True)
+    rows, cols = keys // vocab_size, keys % vocab_size
+    degree = torch.zeros(vocab_size).index_add_(0, rows, counts.float())
+    value = counts.float() * degree[rows].rsqrt() * degree[cols].rsqrt()
+    return torch.stack([rows, cols]), value
+
+
 class SeqRecBlock(nn.Module):
     """Transformer block. Pre-norm: x + Attn(LN(x)), then x + MLP(LN(x)); post-norm: LN(x + Attn(x)), then
     LN(x + MLP(x)). With `filter_mix` > 0 the attention output is blended with a causal low-pass filter."""
@@ -345,6 +403,8 @@ class SeqRecPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
         if isinstance(module, SeqRecLowPassFilter):
             init.ones_(module.sqrt_beta)  # beta = 1: the filter starts as the identity
+        if isinstance(module, SeqRecItemGraph):
+            init.constant_(module.gain, float(self.config.item_graph_gain))
 
 
 class SeqRecModel(SeqRecPreTrainedModel):
@@ -353,6 +413,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
     def __init__(self, config: SeqRecConfig):
         super().__init__(config)
         self.embed_items = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.item_graph = SeqRecItemGraph(config) if config.item_graph_layers > 0 else None
         self.embed_positions = (
             nn.Embedding(config.max_position_embeddings, config.hidden_size)
             if config.position_embedding_type in ("absolute", "from_end")
@@ -370,6 +431,12 @@ class SeqRecModel(SeqRecPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_items = value
+
+    def item_table(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(V, d) item vectors as the model uses them: `weight` (default: the input embeddings), smoothed over
+        the item graph when `config.item_graph_layers` > 0."""
+        weight = self.embed_items.weight if weight is None else weight
+        return weight if self.item_graph is None else self.item_graph(weight)
 
     def _check_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, timestamps: torch.Tensor | None
@@ -409,6 +476,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
         query_timestamps: torch.LongTensor | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        item_table: torch.Tensor | None = None,
         **kwargs,
     ) -> SeqRecModelOutput:
         r"""
@@ -417,6 +485,7 @@ class SeqRecModel(SeqRecPreTrainedModel):
             attention_mask: (B, T) 1 for real events, 0 for padding; derived from `pad_token_id` if absent.
             timestamps: (B, T) int64 seconds of each event; needed when `config.use_time_bias`.
             query_timestamps: (B,) time of the request, i.e. of the event predicted at the last position.
+            item_table: (V, d) precomputed `item_table()` (the head computes it once for inputs and scores).
         """
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
@@ -427,7 +496,12 @@ class SeqRecModel(SeqRecPreTrainedModel):
         if self.training and self.config.item_dropout > 0:
             dropped = valid & (torch.rand(input_ids.shape, device=input_ids.device) < self.config.item_dropout)
             input_ids = input_ids.masked_fill(dropped, self.config.unk_token_id)
-        hidden_states = self.embed_items(input_ids)
+        if item_table is None and self.item_graph is not None:
+            item_table = self.item_table()
+        if item_table is None:
+            hidden_states = self.embed_items(input_ids)
+        else:
+            hidden_states = F.embedding(input_ids, item_table, padding_idx=self.config.pad_token_id)
         if self.embed_positions is not None:
             real = attention_mask.long()
             if self.config.position_embedding_type == "from_end":  # the latest event -> 0
@@ -811,6 +885,11 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.item_head
 
+    def item_table(self) -> torch.Tensor:
+        """(V, d) item vectors that score the next item: the output embeddings, smoothed over the item graph
+        when the config has one (then the same table is the input embedding of tied models)."""
+        return self.model.item_table(self.item_head.weight)
+
     def check_tokenizer(self, tokenizer) -> None:
         """Raise `ValueError` if the tokenizer's vocabulary is not the one this model scores (wrong pairing)."""
         if len(tokenizer) != self.config.vocab_size:
@@ -842,6 +921,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             logits_to_keep: score only the last N positions (`1` for next-item scores). Default: every position
                 without `labels`, none with `labels` (training never materialises [B, T, catalog]).
         """
+        table = self.item_table() if self.model.item_graph is not None else None
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -849,8 +929,10 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             query_timestamps=query_timestamps,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            item_table=table if self.config.tie_word_embeddings else None,
         )
         hidden_states = outputs.last_hidden_state
+        output_weight = self.item_head.weight if table is None else table
         loss = None
         if labels is not None:
             if attention_mask is None:
@@ -859,7 +941,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 hidden_states,
                 labels,
                 attention_mask,
-                self.item_head.weight,
+                output_weight,
                 self.config.num_special_tokens,
                 self.config.loss_chunk_size,
                 loss_type=self.config.loss_type,
@@ -876,7 +958,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         logits = None
         if logits_to_keep >= 0:
             kept = hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
-            logits = self.item_head(kept)
+            logits = kept @ output_weight.t()
         return NextItemPredictionOutput(
             loss=loss,
             logits=logits,
@@ -909,10 +991,14 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
+        weight = self.item_table()
         user_state = self.model(
-            input_ids, attention_mask=attention_mask, timestamps=timestamps, query_timestamps=query_timestamps
+            input_ids,
+            attention_mask=attention_mask,
+            timestamps=timestamps,
+            query_timestamps=query_timestamps,
+            item_table=weight if self.config.tie_word_embeddings and self.model.item_graph is not None else None,
         ).last_hidden_state[:, -1]  # (B, d): left padding puts the latest event last
-        weight = self.item_head.weight
         vocab_size, device = weight.shape[0], weight.device
         batch = input_ids.shape[0]
         first = self.config.num_special_tokens

@@ -48,7 +48,7 @@ from .data import (
     temporal_split,
 )
 from .evaluation import evaluate, format_metrics_table, model_score_fn
-from .modeling_seqrec import SeqRecForNextItemPrediction
+from .modeling_seqrec import SeqRecForNextItemPrediction, build_item_graph
 from .tokenization_seqrec import ItemTokenizer
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ class TrainingRecipe:
     filter_mix: float = field(default=0.0, metadata={"help": "Weight of the causal low-pass branch (0: off)."})
     filter_window: int = field(default=0, metadata={"help": "Events the low-pass filter averages (0: all)."})
     item_dropout: float = field(default=0.0, metadata={"help": "Replace input events by UNK at this rate."})
+    item_graph_layers: int = field(default=0, metadata={"help": "Hops of item-graph smoothing (0: off)."})
+    item_graph_gain: float = field(default=1.0, metadata={"help": "Initial gain of each graph hop."})
     use_time_bias: bool = False
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32
@@ -167,7 +169,7 @@ class TrainingRecipe:
                 " test target is a real validation item; the real test split is read once, after training"
             )
 
-    def model_config(self, vocab_size: int) -> SeqRecConfig:
+    def model_config(self, vocab_size: int, item_graph_edges: int = 0) -> SeqRecConfig:
         """The model config: every recipe field that `SeqRecConfig` also has, under the same name, so a new
         model option needs only its recipe field; the length and attention backend are renamed."""
         shared = {f.name for f in dataclasses.fields(SeqRecConfig)}
@@ -176,8 +178,22 @@ class TrainingRecipe:
             vocab_size=vocab_size,
             max_position_embeddings=self.max_length,
             attn_implementation=self.attn_implementation,
+            item_graph_edges=item_graph_edges,
             **kwargs,
         )
+
+
+def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: datasets.Dataset):
+    """A fresh model for the recipe; with `item_graph_layers`, its item graph is built from the training
+    histories (the train split only: never a validation or test target)."""
+    if recipe.item_graph_layers <= 0:
+        return SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer)))
+    histories = [tokenizer.convert_items_to_ids(items) for items in train_split["item_ids"]]
+    index, value = build_item_graph(histories, len(tokenizer), tokenizer.num_special_tokens)
+    model = SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer), item_graph_edges=value.numel()))
+    model.model.item_graph.set_graph(index, value)
+    logger.info("item graph: %d edges between %d items", value.numel(), len(tokenizer))
+    return model
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -472,7 +488,7 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     splits, tokenizer, train_rows = prepare_data(recipe)
     collator = SeqRecCollator(tokenizer, max_length=recipe.max_length)
     loader = training_loader(recipe, train_rows, collator)
-    model = SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer)))
+    model = build_model(recipe, tokenizer, splits["train"])
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.dim() < 2 or "norm" in name or "embed_positions" in name else decay).append(param)
