@@ -64,6 +64,10 @@ class SeqRecConfig(PreTrainedConfig):
             bought next to (graph-enhanced embeddings as in LightGCN/GCE-GNN).
         item_graph_gain: Initial gain g_k of every hop.
         item_graph_edges: Number of stored graph edges (set by training from the data; sizes the buffers).
+        score_norm: Score items by cosine similarity over a temperature instead of the dot product (user state
+            and item vectors scaled to unit length): an item's score no longer grows with the norm its
+            embedding gets from being a frequent target, so popular items do not win on norm alone.
+        score_temperature: Temperature of the cosine scores (`score_norm`); logits lie in [-1/T, 1/T].
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal weight initialisation.
         tie_word_embeddings: Score items with the item embedding matrix (the output layer is tied to the
@@ -128,6 +132,8 @@ class SeqRecConfig(PreTrainedConfig):
     item_graph_layers: int = 0
     item_graph_gain: float = 1.0
     item_graph_edges: int = 0
+    score_norm: bool = False
+    score_temperature: float = 0.05
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
@@ -206,6 +212,10 @@ class SeqRecConfig(PreTrainedConfig):
                 raise ValueError(f"SeqRecConfig.{name} must be a non-negative integer, got {value!r}")
         if not _is_number(self.item_graph_gain):
             raise ValueError(f"SeqRecConfig.item_graph_gain must be a number, got {self.item_graph_gain!r}")
+        if not _is_number(self.score_temperature) or self.score_temperature <= 0:
+            raise ValueError(
+                f"SeqRecConfig.score_temperature must be a positive number, got {self.score_temperature!r}"
+            )
         for name in ("layer_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:

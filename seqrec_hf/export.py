@@ -58,7 +58,7 @@ class SeqRecServingModule(nn.Module):
         table = None
         if model.model.item_graph is not None:
             with torch.no_grad():
-                table = model.item_table().detach().clone()
+                table = model.model.item_table(model.item_head.weight).detach().clone()
         self.register_buffer("table", table)
 
     def user_vectors(self, input_ids, attention_mask, timestamps=None, query_timestamps=None) -> torch.Tensor:
@@ -70,13 +70,13 @@ class SeqRecServingModule(nn.Module):
             query_timestamps=query_timestamps,
             item_table=self.table if tied else None,
         ).last_hidden_state
-        return hidden[:, -1]  # (B, d): left padding puts the latest event last
+        return self.model.score_users(hidden[:, -1])  # (B, d): left padding puts the latest event last
 
     def forward(self, input_ids, attention_mask, timestamps=None, query_timestamps=None):
         user_state = self.user_vectors(input_ids, attention_mask, timestamps, query_timestamps)
         if self.top_k is None:
             return user_state
-        weight = self.model.item_head.weight if self.table is None else self.table
+        weight = self.model.score_table(self.model.item_head.weight if self.table is None else self.table)
         vocab_size = weight.shape[0]
         first = self.model.config.num_special_tokens
         history = input_ids.masked_fill(attention_mask == 0, -1)  # (B, T); padding never matches an item

@@ -887,8 +887,19 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
 
     def item_table(self) -> torch.Tensor:
         """(V, d) item vectors that score the next item: the output embeddings, smoothed over the item graph
-        when the config has one (then the same table is the input embedding of tied models)."""
-        return self.model.item_table(self.item_head.weight)
+        when the config has one (the smoothed table is also the input embedding of tied models), unit length
+        with `score_norm`."""
+        return self.score_table(self.model.item_table(self.item_head.weight))
+
+    def score_table(self, table: torch.Tensor) -> torch.Tensor:
+        """The item side of the score: unit vectors with `score_norm` (cosine scores), else as is."""
+        return F.normalize(table, dim=-1, eps=1e-6) if self.config.score_norm else table
+
+    def score_users(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The user side of the score: unit vectors over `score_temperature` with `score_norm`, else as is."""
+        if not self.config.score_norm:
+            return hidden_states
+        return F.normalize(hidden_states, dim=-1, eps=1e-6) / self.config.score_temperature
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise `ValueError` if the tokenizer's vocabulary is not the one this model scores (wrong pairing)."""
@@ -921,7 +932,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             logits_to_keep: score only the last N positions (`1` for next-item scores). Default: every position
                 without `labels`, none with `labels` (training never materialises [B, T, catalog]).
         """
-        table = self.item_table() if self.model.item_graph is not None else None
+        table = self.model.item_table(self.item_head.weight) if self.model.item_graph is not None else None
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -932,13 +943,14 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             item_table=table if self.config.tie_word_embeddings else None,
         )
         hidden_states = outputs.last_hidden_state
-        output_weight = self.item_head.weight if table is None else table
+        output_weight = self.score_table(self.item_head.weight if table is None else table)
+        scoring_states = self.score_users(hidden_states)
         loss = None
         if labels is not None:
             if attention_mask is None:
                 attention_mask = input_ids != self.config.pad_token_id
             loss = next_item_loss(
-                hidden_states,
+                scoring_states,
                 labels,
                 attention_mask,
                 output_weight,
@@ -957,7 +969,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             logits_to_keep = 0 if labels is None else -1
         logits = None
         if logits_to_keep >= 0:
-            kept = hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
+            kept = scoring_states if logits_to_keep == 0 else scoring_states[:, -logits_to_keep:]
             logits = kept @ output_weight.t()
         return NextItemPredictionOutput(
             loss=loss,
@@ -991,14 +1003,16 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
-        weight = self.item_table()
+        table = self.model.item_table(self.item_head.weight)
+        tied_graph = self.config.tie_word_embeddings and self.model.item_graph is not None
         user_state = self.model(
             input_ids,
             attention_mask=attention_mask,
             timestamps=timestamps,
             query_timestamps=query_timestamps,
-            item_table=weight if self.config.tie_word_embeddings and self.model.item_graph is not None else None,
+            item_table=table if tied_graph else None,
         ).last_hidden_state[:, -1]  # (B, d): left padding puts the latest event last
+        user_state, weight = self.score_users(user_state), self.score_table(table)
         vocab_size, device = weight.shape[0], weight.device
         batch = input_ids.shape[0]
         first = self.config.num_special_tokens

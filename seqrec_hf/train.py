@@ -99,6 +99,8 @@ class TrainingRecipe:
     item_dropout: float = field(default=0.0, metadata={"help": "Replace input events by UNK at this rate."})
     item_graph_layers: int = field(default=0, metadata={"help": "Hops of item-graph smoothing (0: off)."})
     item_graph_gain: float = field(default=1.0, metadata={"help": "Initial gain of each graph hop."})
+    score_norm: bool = field(default=False, metadata={"help": "Cosine scores over score_temperature."})
+    score_temperature: float = 0.05
     use_time_bias: bool = False
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY, make_model
 
 from seqrec_hf import SeqRecForNextItemPrediction
@@ -115,3 +116,35 @@ def test_training_builds_the_graph_from_the_train_split(tmp_path):
     assert model.model.item_graph.value.sum() > 0
     with pytest.raises(ValueError, match="item_graph_layers"):
         make_model(item_graph_layers=-1)
+
+
+@pytest.mark.parametrize("with_graph", [False, True])
+def test_cosine_scores_in_logits_loss_recommend_and_export(with_graph):
+    if with_graph:
+        model, _ = graph_model(score_norm=True, score_temperature=0.1)
+    else:
+        model = make_model(vocab_size=20, score_norm=True, score_temperature=0.1)
+    ids = torch.tensor([[0, 2, 3, 4], [5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    table = model.model.item_table(model.item_head.weight)
+    hidden = model.model(input_ids=ids, attention_mask=mask, item_table=table if with_graph else None)
+    hidden = hidden.last_hidden_state
+    expected = F.normalize(hidden, dim=-1) @ F.normalize(table, dim=-1).t() / 0.1
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, expected)
+    assert logits.abs().max() <= 10.0 + 1e-4
+    labels = ids.masked_fill(ids == 0, -100)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference = F.cross_entropy(expected[:, :-1][mask[:, :-1].bool()][:, 2:], labels[:, 1:][mask[:, :-1].bool()] - 2)
+    torch.testing.assert_close(loss, reference)
+    items, scores = model.recommend(input_ids=ids, attention_mask=mask, top_k=4)
+    brute = expected[:, -1].clone()
+    brute[:, :2] = float("-inf")
+    brute.scatter_(1, ids, float("-inf"))
+    torch.testing.assert_close(scores, brute.topk(4).values)
+    program = export_for_serving(model, input_ids=ids, attention_mask=mask, top_k=4)
+    got_ids, got_scores = program(input_ids=ids, attention_mask=mask)
+    assert torch.equal(got_ids, items)
+    torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="score_temperature"):
+        make_model(score_norm=True, score_temperature=0)
