@@ -64,6 +64,13 @@ class SeqRecConfig(PreTrainedConfig):
             bought next to (graph-enhanced embeddings as in LightGCN/GCE-GNN).
         item_graph_gain: Initial gain g_k of every hop.
         item_graph_edges: Number of stored graph edges (set by training from the data; sizes the buffers).
+        transition_prior_lags: Add count-based transition scores to the logits (0: off): for each of the last
+            `lags` events i_k, w_k * log(1 + #(i_k, then j k + 1 events later)) over the training histories
+            (tables saved with the weights, w_k learned). Exact co-purchase memory that a 64-wide embedding
+            only approximates, interpolated with the network as n-grams with a neural language model; the
+            training loss leaves out the count of the transition it is predicting.
+        transition_prior_size: Successors kept per item and lag (the most frequent ones).
+        transition_prior_weight: Initial weight w_k of every lag.
         score_norm: Score items by cosine similarity over a temperature instead of the dot product (user state
             and item vectors scaled to unit length): an item's score no longer grows with the norm its
             embedding gets from being a frequent target, so popular items do not win on norm alone.
@@ -132,6 +139,9 @@ class SeqRecConfig(PreTrainedConfig):
     item_graph_layers: int = 0
     item_graph_gain: float = 1.0
     item_graph_edges: int = 0
+    transition_prior_lags: int = 0
+    transition_prior_size: int = 64
+    transition_prior_weight: float = 1.0
     score_norm: bool = False
     score_temperature: float = 0.05
     layer_norm_eps: float = 1e-6
@@ -206,10 +216,20 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {mix!r}")
         if not _is_int(self.filter_window) or self.filter_window < 0:
             raise ValueError(f"SeqRecConfig.filter_window must be a non-negative integer, got {self.filter_window!r}")
-        for name in ("item_graph_layers", "item_graph_edges"):
+        for name in ("item_graph_layers", "item_graph_edges", "transition_prior_lags"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"SeqRecConfig.{name} must be a non-negative integer, got {value!r}")
+        if not _is_int(self.transition_prior_size) or self.transition_prior_size < 1:
+            raise ValueError(
+                f"SeqRecConfig.transition_prior_size must be a positive integer, got {self.transition_prior_size!r}"
+            )
+        if not _is_number(self.transition_prior_weight):
+            raise ValueError(
+                f"SeqRecConfig.transition_prior_weight must be a number, got {self.transition_prior_weight!r}"
+            )
+        if self.transition_prior_lags and self.loss_type != "full_ce":
+            raise ValueError("SeqRecConfig.transition_prior_lags is implemented for loss_type='full_ce' only")
         if not _is_number(self.item_graph_gain):
             raise ValueError(f"SeqRecConfig.item_graph_gain must be a number, got {self.item_graph_gain!r}")
         if not _is_number(self.score_temperature) or self.score_temperature <= 0:

@@ -294,6 +294,81 @@ def build_item_graph(
     return torch.stack([rows, cols]), value
 
 
+class SeqRecTransitionPrior(nn.Module):
+    """Count-based transition scores added to the model's logits: score_j += sum_k w_k * log(1 + n_k(i_k, j)),
+    where i_k is the event k steps before the current one and n_k(i, j) counts "i, then j k + 1 events later"
+    in the training histories (the `size` most frequent successors of each item are kept; `build_transition_prior`).
+
+    The network keeps what it generalises and leaves the exact co-purchase memory to the counts, as n-gram
+    models are interpolated with neural language models. During training, the count of the very transition
+    being predicted is left out (n - 1 at the target: the training histories are what was counted), so the
+    prior is as informative in training as at serving time, where the next event was never counted. The
+    weights w_k are learned (`transition_prior_weight` at init); the tables are buffers saved with the model.
+    """
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__()
+        lags, size = config.transition_prior_lags, config.transition_prior_size
+        self.register_buffer("index", torch.zeros(lags, config.vocab_size, size, dtype=torch.int32))
+        self.register_buffer("value", torch.zeros(lags, config.vocab_size, size))
+        self.weight = nn.Parameter(torch.full((lags,), float(config.transition_prior_weight)))
+
+    def set_prior(self, index: torch.Tensor, value: torch.Tensor) -> None:
+        if index.shape != self.index.shape or value.shape != self.value.shape:
+            raise ValueError(
+                f"the prior tables have shape {tuple(index.shape)} but the config says {tuple(self.index.shape)}"
+                " (transition_prior_lags, vocab_size, transition_prior_size)"
+            )
+        self.index.copy_(index)
+        self.value.copy_(value)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, value), each (B, T, lags * size): the sparse scores of every position's next item.
+
+        `targets` (B, T): the item each position is trained to predict (-100: none); its count is left out.
+        """
+        known = self.index.shape[1]  # items added after training have no counts: row 0 ([PAD]) is empty
+        ids = torch.where(attention_mask.bool() & (input_ids < known), input_ids, 0)
+        indices, values = [], []
+        for lag in range(self.index.shape[0]):
+            source = F.pad(ids, (lag, 0))[:, : ids.shape[1]]  # the event `lag` steps before each position
+            index = self.index[lag][source].long()  # (B, T, size)
+            value = self.value[lag][source]
+            if targets is not None:  # leave-one-out: this occurrence of (source -> target) is not evidence
+                hit = index == targets[..., None]
+                value = torch.where(hit, torch.log1p((torch.expm1(value) - 1.0).clamp(min=0.0)), value)
+            indices.append(index)
+            values.append(self.weight[lag] * value)
+        return torch.cat(indices, dim=-1), torch.cat(values, dim=-1)
+
+
+def build_transition_prior(
+    histories: list[list[int]], vocab_size: int, num_special: int, lags: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, value), each (lags, vocab_size, size): for every item, its `size` most frequent successors
+    `lag + 1` events later in `histories` (token ids; ties by id) and log(1 + count); unused slots point at
+    [PAD] (id 0, never scored) with value 0."""
+    index = torch.zeros(lags, vocab_size, size, dtype=torch.int32)
+    value = torch.zeros(lags, vocab_size, size)
+    for lag in range(lags):
+        pairs = [(a, b) for ids in histories for a, b in zip(ids, ids[lag + 1 :]) if min(a, b) >= num_special]
+        if not pairs:
+            continue
+        both = torch.tensor(pairs, dtype=torch.long)
+        keys, counts = (both[:, 0] * vocab_size + both[:, 1]).unique(return_counts=True)
+        order = torch.argsort(-counts, stable=True)  # most frequent first, ties by id (keys are sorted)
+        order = order[torch.argsort(keys[order] // vocab_size, stable=True)]  # grouped by source
+        keys, counts = keys[order], counts[order]
+        source, target = keys // vocab_size, keys % vocab_size
+        rank = torch.arange(len(keys)) - torch.searchsorted(source, source)  # position among the source's successors
+        kept = rank < size
+        index[lag, source[kept], rank[kept]] = target[kept].int()
+        value[lag, source[kept], rank[kept]] = torch.log1p(counts[kept].float())
+    return index, value
+
+
 class SeqRecBlock(nn.Module):
     """Transformer block. Pre-norm: x + Attn(LN(x)), then x + MLP(LN(x)); post-norm: LN(x + Attn(x)), then
     LN(x + MLP(x)). With `filter_mix` > 0 the attention output is blended with a causal low-pass filter."""
@@ -405,6 +480,8 @@ class SeqRecPreTrainedModel(PreTrainedModel):
             init.ones_(module.sqrt_beta)  # beta = 1: the filter starts as the identity
         if isinstance(module, SeqRecItemGraph):
             init.constant_(module.gain, float(self.config.item_graph_gain))
+        if isinstance(module, SeqRecTransitionPrior):
+            init.constant_(module.weight, float(self.config.transition_prior_weight))
 
 
 class SeqRecModel(SeqRecPreTrainedModel):
@@ -571,14 +648,21 @@ class _FullCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         with_grads: bool,
         smoothing: float,
+        bias_index,
+        bias_value,
     ):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+        with_bias = bias_index is not None
+        grad_bias = torch.empty_like(bias_value) if with_bias and with_grads else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             chunk_weights = (1.0 - smoothing) * target_weights[start : start + chunk_size]  # (c, K)
             logits = (rows @ weight.t()).float()  # (c, V)
+            if with_bias:  # sparse additive scores (transition prior): a few entries per row
+                chunk_bias = bias_index[start : start + chunk_size]
+                logits.scatter_add_(1, chunk_bias, bias_value[start : start + chunk_size].float())
             logits[:, :num_special] = float("-inf")
             if history is not None:  # the row's own history is no candidate; its targets always are
                 target_logits = logits.gather(1, chunk_targets)
@@ -603,6 +687,8 @@ class _FullCrossEntropy(torch.autograd.Function):
                 probs[:, num_special:] -= share
             elif smoothing:
                 probs -= candidates * share
+            if grad_bias is not None:  # d loss / d bias entry = d loss / d its logit
+                grad_bias[start : start + chunk_size] = probs.gather(1, chunk_bias)
             probs = probs.to(weight.dtype)
             grad_hidden[start : start + chunk_size] = probs @ weight  # (c, d)
             if weight.dtype == torch.float32:
@@ -610,15 +696,16 @@ class _FullCrossEntropy(torch.autograd.Function):
             else:
                 grad_weight += (probs.t() @ rows).float()
         if with_grads:
-            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
             ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None, None
+        grad_bias = None if grad_bias is None else grad_bias * grad_total
+        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None, None, None, grad_bias
 
 
 def full_cross_entropy_sum(
@@ -630,8 +717,13 @@ def full_cross_entropy_sum(
     history: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     target_weights: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+    bias_value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed full-catalog cross-entropy of the rows of `hidden` (N, d) against `targets`; special ids excluded.
+
+    `bias_index`/`bias_value` (N, E): sparse scores added to each row's logits (repeated indices add up),
+    differentiable in `bias_value` (the transition prior's learned weights train through it).
 
     `targets` (N,) one item per row, or (N, K) several with `target_weights` (N, K), each row summing to 1
     (weight 0 marks an unused slot).
@@ -650,7 +742,9 @@ def full_cross_entropy_sum(
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     chunk_size = max(1, min(chunk_size, MAX_LOGITS_PER_CHUNK // weight.shape[0]))
-    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with_grads = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias_value is not None and bias_value.requires_grad)
+    )
     with torch.autocast(device_type, enabled=False):
         return _FullCrossEntropy.apply(
             hidden,
@@ -662,6 +756,8 @@ def full_cross_entropy_sum(
             chunk_size,
             with_grads,
             float(label_smoothing),
+            bias_index,
+            None if bias_value is None else bias_value.float(),
         )
 
 
@@ -739,6 +835,8 @@ def next_item_loss(
     label_smoothing: float = 0.0,
     target_window: int = 1,
     target_window_decay: float = 0.5,
+    bias_index: torch.Tensor | None = None,
+    bias_value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-item loss averaged over the real target positions.
 
@@ -758,19 +856,28 @@ def next_item_loss(
 
     target_window k > 1 (full CE only): position t's target distribution covers the next k events of its
     sequence, event t + j weighted decay^(j - 1) and the weights normalised over the events that exist.
+
+    bias_index/bias_value (B, T, E) (full CE only): sparse scores added to each position's logits (the
+    transition prior), gathered with the positions.
     """
-    weights = history = None
+    weights = history = bias = None
+    if bias_index is not None and loss_type != "full_ce":
+        raise ValueError("the transition prior is implemented for loss_type='full_ce' only")
     if labels.dim() == 1:  # one target per row, after its last event (prefix rows): the last position predicts
         if target_window > 1:
             raise ValueError("target_window > 1 needs (batch, seq_len) labels: a row with one target has no window")
         keep = labels >= num_special_tokens
         hidden, targets = hidden_states[:, -1][keep], labels[keep]
+        if bias_index is not None:
+            bias = bias_index[:, -1][keep], bias_value[:, -1][keep]
         if history_ids is not None and loss_type == "full_ce":  # padding -> 0, a special id, never a candidate
             history = history_ids.masked_fill(~attention_mask.bool(), 0).clamp(min=0)[keep]  # (N, T)
     else:
         shifted = labels[:, 1:]  # (B, T-1)
         keep = (shifted >= num_special_tokens) & attention_mask[:, :-1].bool()
         hidden, targets = hidden_states[:, :-1][keep], shifted[keep]  # (N, d), (N,)
+        if bias_index is not None:
+            bias = bias_index[:, :-1][keep], bias_value[:, :-1][keep]
         if target_window > 1 and loss_type == "full_ce":
             future = torch.stack(
                 [F.pad(labels[:, j:], (0, j - 1), value=-100) for j in range(1, target_window + 1)], dim=-1
@@ -789,7 +896,15 @@ def next_item_loss(
         return hidden_states.sum() * 0.0
     if loss_type == "full_ce":
         total = full_cross_entropy_sum(
-            hidden, item_weight, targets, num_special_tokens, chunk_size, history, label_smoothing, weights
+            hidden,
+            item_weight,
+            targets,
+            num_special_tokens,
+            chunk_size,
+            history,
+            label_smoothing,
+            weights,
+            *(bias or (None, None)),
         )
         return total / num
     if history_ids is not None:
@@ -874,6 +989,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         super().__init__(config)
         self.model = SeqRecModel(config)
         self.item_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.transition_prior = SeqRecTransitionPrior(config) if config.transition_prior_lags > 0 else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -945,10 +1061,17 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         hidden_states = outputs.last_hidden_state
         output_weight = self.score_table(self.item_head.weight if table is None else table)
         scoring_states = self.score_users(hidden_states)
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.pad_token_id
+        bias = (None, None)
         loss = None
         if labels is not None:
-            if attention_mask is None:
-                attention_mask = input_ids != self.config.pad_token_id
+            if self.transition_prior is not None:
+                if labels.dim() == 2:  # position t predicts labels[t + 1]
+                    position_targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+                else:  # the last position predicts labels
+                    position_targets = F.pad(labels[:, None], (input_ids.shape[1] - 1, 0), value=-100)
+                bias = self.transition_prior(input_ids, attention_mask, position_targets)
             loss = next_item_loss(
                 scoring_states,
                 labels,
@@ -964,6 +1087,8 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 label_smoothing=self.config.label_smoothing,
                 target_window=self.config.target_window,
                 target_window_decay=self.config.target_window_decay,
+                bias_index=bias[0],
+                bias_value=bias[1],
             )
         if logits_to_keep is None:
             logits_to_keep = 0 if labels is None else -1
@@ -971,6 +1096,10 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         if logits_to_keep >= 0:
             kept = scoring_states if logits_to_keep == 0 else scoring_states[:, -logits_to_keep:]
             logits = kept @ output_weight.t()
+            if self.transition_prior is not None:  # the serving-time prior (nothing left out)
+                index, value = self.transition_prior(input_ids, attention_mask)
+                keep = kept.shape[1]
+                logits = logits.scatter_add(-1, index[:, -keep:], value[:, -keep:].to(logits.dtype))
         return NextItemPredictionOutput(
             loss=loss,
             logits=logits,
@@ -1013,6 +1142,13 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             item_table=table if tied_graph else None,
         ).last_hidden_state[:, -1]  # (B, d): left padding puts the latest event last
         user_state, weight = self.score_users(user_state), self.score_table(table)
+        prior = None
+        if self.transition_prior is not None:
+            index, value = self.transition_prior(
+                input_ids[:, -self.transition_prior.index.shape[0] :],
+                attention_mask[:, -self.transition_prior.index.shape[0] :],
+            )
+            prior = index[:, -1], value[:, -1].float()  # (B, lags * size) of the last position
         vocab_size, device = weight.shape[0], weight.device
         batch = input_ids.shape[0]
         first = self.config.num_special_tokens
@@ -1025,6 +1161,12 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         for start in range(first, vocab_size, chunk_size):
             end = min(start + chunk_size, vocab_size)
             scores = (user_state @ weight[start:end].t()).float()  # (B, chunk)
+            if prior is not None:
+                local = prior[0] - start
+                inside = (local >= 0) & (local < end - start)
+                spare = F.pad(scores, (0, 1))  # out-of-chunk entries land in a spare column
+                spare.scatter_add_(1, torch.where(inside, local, end - start), prior[1] * inside)
+                scores = spare[:, :-1]
             if allowed is not None:
                 scores.masked_fill_(~allowed[start:end], float("-inf"))
             if exclude_history:

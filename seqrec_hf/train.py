@@ -48,7 +48,7 @@ from .data import (
     temporal_split,
 )
 from .evaluation import evaluate, format_metrics_table, model_score_fn
-from .modeling_seqrec import SeqRecForNextItemPrediction, build_item_graph
+from .modeling_seqrec import SeqRecForNextItemPrediction, build_item_graph, build_transition_prior
 from .tokenization_seqrec import ItemTokenizer
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class TrainingRecipe:
     item_dropout: float = field(default=0.0, metadata={"help": "Replace input events by UNK at this rate."})
     item_graph_layers: int = field(default=0, metadata={"help": "Hops of item-graph smoothing (0: off)."})
     item_graph_gain: float = field(default=1.0, metadata={"help": "Initial gain of each graph hop."})
+    transition_prior_lags: int = field(default=0, metadata={"help": "Count-based transition scores (0: off)."})
+    transition_prior_size: int = field(default=64, metadata={"help": "Successors kept per item and lag."})
+    transition_prior_weight: float = field(default=1.0, metadata={"help": "Initial weight of each lag."})
     score_norm: bool = field(default=False, metadata={"help": "Cosine scores over score_temperature."})
     score_temperature: float = 0.05
     use_time_bias: bool = False
@@ -186,15 +189,26 @@ class TrainingRecipe:
 
 
 def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: datasets.Dataset):
-    """A fresh model for the recipe; with `item_graph_layers`, its item graph is built from the training
-    histories (the train split only: never a validation or test target)."""
-    if recipe.item_graph_layers <= 0:
+    """A fresh model for the recipe; its item graph and transition prior, when the recipe asks for them, are
+    counted on the training histories (the train split only: never a validation or test target)."""
+    if recipe.item_graph_layers <= 0 and recipe.transition_prior_lags <= 0:
         return SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer)))
     histories = [tokenizer.convert_items_to_ids(items) for items in train_split["item_ids"]]
-    index, value = build_item_graph(histories, len(tokenizer), tokenizer.num_special_tokens)
-    model = SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer), item_graph_edges=value.numel()))
-    model.model.item_graph.set_graph(index, value)
-    logger.info("item graph: %d edges between %d items", value.numel(), len(tokenizer))
+    special = tokenizer.num_special_tokens
+    graph = build_item_graph(histories, len(tokenizer), special) if recipe.item_graph_layers > 0 else None
+    edges = graph[1].numel() if graph is not None else 0
+    model = SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer), item_graph_edges=edges))
+    if graph is not None:
+        model.model.item_graph.set_graph(*graph)
+        logger.info("item graph: %d edges between %d items", edges, len(tokenizer))
+    if recipe.transition_prior_lags > 0:
+        prior = build_transition_prior(
+            histories, len(tokenizer), special, recipe.transition_prior_lags, recipe.transition_prior_size
+        )
+        model.transition_prior.set_prior(*prior)
+        logger.info(
+            "transition prior: %d lags, %d kept transitions", recipe.transition_prior_lags, int((prior[1] > 0).sum())
+        )
     return model
 
 

@@ -1,0 +1,154 @@
+"""The count-based transition prior: tables, leave-one-out training scores, logits, recommend(), export."""
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, make_model
+
+from seqrec_hf import SeqRecForNextItemPrediction
+from seqrec_hf.export import export_for_serving
+from seqrec_hf.modeling_seqrec import build_transition_prior
+from seqrec_hf.train import load_recipe, parse_overrides, train
+
+HISTORIES = [[2, 3, 4, 5, 3, 4], [3, 4, 6, 2, 3, 5], [7, 3, 4, 8], [1, 9, 9, 2]]  # 1 is [UNK]: never counted
+
+
+def direct_counts(histories, gap):
+    return Counter((a, b) for ids in histories for a, b in zip(ids, ids[gap:]) if a >= 2 and b >= 2)
+
+
+def test_tables_hold_the_most_frequent_successors_with_log_counts():
+    index, value = build_transition_prior(HISTORIES, vocab_size=12, num_special=2, lags=2, size=2)
+    assert index.shape == value.shape == (2, 12, 2)
+    for lag in range(2):
+        counts = direct_counts(HISTORIES, lag + 1)
+        for source in range(12):
+            successors = sorted(((-n, b) for (a, b), n in counts.items() if a == source))[:2]
+            want = [b for _, b in successors] + [0] * (2 - len(successors))
+            assert index[lag, source].tolist() == want, (lag, source)
+            want_values = [math.log1p(-n) for n, _ in successors] + [0.0] * (2 - len(successors))
+            torch.testing.assert_close(value[lag, source], torch.tensor(want_values))
+    assert index[0, 3].tolist() == [4, 5]  # 3 -> 4 three times, 3 -> 5 once (ties by id)
+
+
+def prior_model(lags=2, size=3, vocab=12, **overrides):
+    model = make_model(
+        vocab_size=vocab, transition_prior_lags=lags, transition_prior_size=size, transition_prior_weight=0.8,
+        **overrides,
+    )  # fmt: skip
+    model.transition_prior.set_prior(*build_transition_prior(HISTORIES, vocab, 2, lags, size))
+    with torch.no_grad():
+        model.transition_prior.weight.copy_(torch.tensor([0.8, -0.4][:lags]))
+    return model
+
+
+def dense_prior(model, ids, mask, targets=None):
+    """(B, T, V) prior scores by a direct loop: sum over lags of w_k * log(1 + count), count - 1 at the target."""
+    prior = model.transition_prior
+    lags, vocab = prior.index.shape[0], model.config.vocab_size
+    out = torch.zeros(ids.shape[0], ids.shape[1], vocab)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            for lag in range(lags):
+                if t - lag < 0 or not mask[b, t - lag]:
+                    continue
+                source = int(ids[b, t - lag])
+                for j, v in zip(prior.index[lag, source].tolist(), prior.value[lag, source].tolist()):
+                    if v == 0:
+                        continue
+                    if targets is not None and j == targets[b, t]:
+                        v = math.log1p(max(math.expm1(v) - 1, 0.0))
+                    out[b, t, j] += prior.weight[lag].item() * v
+    return out
+
+
+IDS = torch.tensor([[0, 0, 2, 3, 4], [3, 4, 6, 2, 3], [0, 7, 3, 4, 8]])
+MASK = (IDS != 0).long()
+
+
+def test_logits_add_the_prior_of_each_position():
+    model = prior_model()
+    hidden = model.model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    expected = hidden @ model.item_head.weight.t() + dense_prior(model, IDS, MASK)
+    torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, expected)
+    torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK, logits_to_keep=1).logits, expected[:, -1:])
+
+
+@pytest.mark.parametrize("one_target_per_row", [False, True])
+def test_training_loss_leaves_the_predicted_transition_out(one_target_per_row):
+    model = prior_model()
+    labels = IDS.masked_fill(MASK == 0, -100)
+    if one_target_per_row:
+        labels = torch.tensor([5, 5, -100])
+        targets = torch.full(IDS.shape, -100)
+        targets[:, -1] = labels
+    else:
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    loss = model(input_ids=IDS, attention_mask=MASK, labels=labels).loss
+
+    hidden = model.model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    logits = hidden @ model.item_head.weight.t() + dense_prior(model, IDS, MASK, targets)
+    logits[..., :2] = float("-inf")
+    keep = (targets >= 2) & MASK.bool()  # padding positions never predict
+    reference = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, reference)
+    # the leave-one-out changes the loss: a prior that counted the answer would look better than it is
+    assert not torch.allclose(dense_prior(model, IDS, MASK, targets), dense_prior(model, IDS, MASK))
+
+    loss.backward()  # the lag weights learn
+    weight = model.transition_prior.weight
+    grad = weight.grad.clone()
+    weight.grad = None
+    reference_weight = weight.detach().clone().requires_grad_(True)
+    lags = []
+    for lag in range(2):
+        single = prior_model(lags=2)
+        with torch.no_grad():
+            single.transition_prior.weight.copy_(torch.eye(2)[lag])
+        lags.append(dense_prior(single, IDS, MASK, targets))
+    logits = hidden.detach() @ model.item_head.weight.detach().t()
+    logits = logits + reference_weight[0] * lags[0] + reference_weight[1] * lags[1]
+    logits[..., :2] = float("-inf")
+    F.cross_entropy(logits[keep], targets[keep]).backward()
+    torch.testing.assert_close(grad, reference_weight.grad)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 65536])
+def test_recommend_and_the_export_rank_with_the_prior(chunk_size):
+    model = prior_model()
+    hidden = model.model(input_ids=IDS, attention_mask=MASK).last_hidden_state[:, -1]
+    brute = hidden @ model.item_head.weight.t() + dense_prior(model, IDS, MASK)[:, -1]
+    brute[:, :2] = float("-inf")
+    brute = brute.scatter(1, IDS, float("-inf"))  # history excluded (padding 0 is special anyway)
+    items, scores = model.recommend(input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
+    torch.testing.assert_close(scores, brute.topk(4).values)
+    assert torch.equal(items, brute.topk(4).indices)
+    program = export_for_serving(model, input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
+    got_items, got_scores = program(input_ids=IDS, attention_mask=MASK)
+    assert torch.equal(got_items, items)
+    torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+
+
+def test_prior_round_trips_and_ignores_items_added_later(tmp_path):
+    model = prior_model()
+    model.save_pretrained(tmp_path)
+    loaded = SeqRecForNextItemPrediction.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+    model.resize_token_embeddings(14)  # ids 12, 13 are new: no counts, no crash
+    assert torch.isfinite(model(input_ids=torch.tensor([[2, 12, 13]])).logits).all()
+    with pytest.raises(ValueError, match="transition_prior"):
+        make_model(transition_prior_lags=1, loss_type="gbce")
+
+
+def test_training_counts_the_train_split_and_learns_the_weights(tmp_path):
+    overrides = TINY + ["max_steps=15", "eval_every_steps=15", "transition_prior_lags=2", "transition_prior_size=8"]
+    train(load_recipe(None, dict(parse_overrides(overrides), output_dir=str(tmp_path))))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["transition_prior_lags"] == 2 and config["transition_prior_size"] == 8
+    model = SeqRecForNextItemPrediction.from_pretrained(tmp_path)
+    assert model.transition_prior.value.sum() > 0
+    assert not torch.allclose(model.transition_prior.weight, torch.ones(2))  # trained away from the init
