@@ -66,11 +66,12 @@ class SeqRecConfig(PreTrainedConfig):
         item_graph_edges: Number of stored graph edges (set by training from the data; sizes the buffers).
         transition_prior_lags: Add count-based transition scores to the logits (0: off): for each of the last
             `lags` events i_k, w_k * log(1 + #(i_k, then j k + 1 events later)) over the training histories
-            (tables saved with the weights, w_k learned). Exact co-purchase memory that a 64-wide embedding
-            only approximates, interpolated with the network as n-grams with a neural language model; the
-            training loss leaves out the count of the transition it is predicting.
+            (tables saved with the weights). Exact co-purchase memory that a 64-wide embedding only
+            approximates, interpolated with the network as n-grams with a neural language model.
         transition_prior_size: Successors kept per item and lag (the most frequent ones).
-        transition_prior_weight: Initial weight w_k of every lag.
+        transition_prior_weight: Initial weight w_k of every lag (training calibrates them on validation).
+        transition_prior_in_loss: Train the network together with the prior (w_k learned in the loss, the
+            count of the predicted transition left out) instead of alone, with w_k fitted afterwards.
         score_norm: Score items by cosine similarity over a temperature instead of the dot product (user state
             and item vectors scaled to unit length): an item's score no longer grows with the norm its
             embedding gets from being a frequent target, so popular items do not win on norm alone.
@@ -142,6 +143,7 @@ class SeqRecConfig(PreTrainedConfig):
     transition_prior_lags: int = 0
     transition_prior_size: int = 64
     transition_prior_weight: float = 1.0
+    transition_prior_in_loss: bool = False
     score_norm: bool = False
     score_temperature: float = 0.05
     layer_norm_eps: float = 1e-6

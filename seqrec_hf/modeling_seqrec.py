@@ -299,11 +299,14 @@ class SeqRecTransitionPrior(nn.Module):
     where i_k is the event k steps before the current one and n_k(i, j) counts "i, then j k + 1 events later"
     in the training histories (the `size` most frequent successors of each item are kept; `build_transition_prior`).
 
-    The network keeps what it generalises and leaves the exact co-purchase memory to the counts, as n-gram
-    models are interpolated with neural language models. During training, the count of the very transition
-    being predicted is left out (n - 1 at the target: the training histories are what was counted), so the
-    prior is as informative in training as at serving time, where the next event was never counted. The
-    weights w_k are learned (`transition_prior_weight` at init); the tables are buffers saved with the model.
+    Exact co-purchase memory beside the network's generalisation, interpolated as n-gram models are with
+    neural language models. By default the network trains alone and the weights w_k are fitted afterwards on
+    held-out data (stacking; `evaluation.calibrate_transition_prior`): on its own training data the network
+    is over-confident, so weights learned there would under-use the counts. With
+    `config.transition_prior_in_loss` the prior is in the training loss instead and w_k are learned there;
+    the count of the very transition being predicted is then left out (n - 1 at the target), so the prior is
+    as informative in training as at serving time, where the next event was never counted.
+    The tables are buffers saved with the model.
     """
 
     def __init__(self, config: SeqRecConfig):
@@ -1066,7 +1069,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         bias = (None, None)
         loss = None
         if labels is not None:
-            if self.transition_prior is not None:
+            if self.transition_prior is not None and self.config.transition_prior_in_loss:
                 if labels.dim() == 2:  # position t predicts labels[t + 1]
                     position_targets = F.pad(labels[:, 1:], (0, 1), value=-100)
                 else:  # the last position predicts labels

@@ -47,7 +47,7 @@ from .data import (
     sliding_windows,
     temporal_split,
 )
-from .evaluation import evaluate, format_metrics_table, model_score_fn
+from .evaluation import calibrate_transition_prior, evaluate, format_metrics_table, model_score_fn
 from .modeling_seqrec import SeqRecForNextItemPrediction, build_item_graph, build_transition_prior
 from .tokenization_seqrec import ItemTokenizer
 
@@ -102,6 +102,10 @@ class TrainingRecipe:
     transition_prior_lags: int = field(default=0, metadata={"help": "Count-based transition scores (0: off)."})
     transition_prior_size: int = field(default=64, metadata={"help": "Successors kept per item and lag."})
     transition_prior_weight: float = field(default=1.0, metadata={"help": "Initial weight of each lag."})
+    transition_prior_in_loss: bool = field(default=False, metadata={"help": "Train the network with the prior."})
+    calibrate_transition_prior: bool = field(
+        default=True, metadata={"help": "Fit the prior's lag weights on validation after training."}
+    )
     score_norm: bool = field(default=False, metadata={"help": "Cosine scores over score_temperature."})
     score_temperature: float = 0.05
     use_time_bias: bool = False
@@ -701,6 +705,21 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
         if not best_dir.is_dir():
             raise RuntimeError(f"no validated model in {best_dir}: training ran no validation")
         best = SeqRecForNextItemPrediction.from_pretrained(best_dir).to(accelerator.device)
+        validation = _best_validation(output_dir / "train_log.jsonl", state["best_step"])
+        if best.transition_prior is not None and recipe.calibrate_transition_prior:
+            # stacking: the lag weights are fitted on held-out rows (validation), never on test
+            with accelerator.autocast():
+                calibration = calibrate_transition_prior(
+                    best, splits["validation"], tokenizer, batch_size=recipe.eval_batch_size,
+                    max_length=recipe.max_length,
+                )  # fmt: skip
+                result["validation_at_selection"] = validation
+                validation = evaluate(
+                    model_score_fn(best), splits["validation"], tokenizer, batch_size=recipe.eval_batch_size,
+                    max_length=recipe.max_length, show_progress=False,
+                )  # fmt: skip
+            result["transition_prior_calibration"] = calibration
+            logger.info("transition prior weights fitted on validation: %s", calibration["weights"])
         with accelerator.autocast():
             test = evaluate(
                 model_score_fn(best),
@@ -709,20 +728,21 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
                 batch_size=recipe.eval_batch_size,
                 max_length=recipe.max_length,
             )
-        validation = _best_validation(output_dir / "train_log.jsonl", state["best_step"])
         seconds = state["train_seconds"]
-        result = {
-            "validation": validation,
-            "test": test,
-            "best_step": state["best_step"],
-            "global_step": state["global_step"],
-            "train_seconds": seconds,
-            "tokens_per_second": state["tokens"] / seconds if seconds > 0 else None,
-            "num_parameters": sum(p.numel() for p in best.parameters()),
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": recipe.mixed_precision,
-            "recipe": dataclasses.asdict(recipe),
-        }
+        result.update(
+            {
+                "validation": validation,
+                "test": test,
+                "best_step": state["best_step"],
+                "global_step": state["global_step"],
+                "train_seconds": seconds,
+                "tokens_per_second": state["tokens"] / seconds if seconds > 0 else None,
+                "num_parameters": sum(p.numel() for p in best.parameters()),
+                "num_processes": accelerator.num_processes,
+                "mixed_precision": recipe.mixed_precision,
+                "recipe": dataclasses.asdict(recipe),
+            }
+        )
         save_pretrained_atomic(best, tokenizer, output_dir / "model.tmpdir")
         for name in os.listdir(output_dir / "model.tmpdir"):
             os.replace(output_dir / "model.tmpdir" / name, output_dir / name)

@@ -80,7 +80,7 @@ def test_logits_add_the_prior_of_each_position():
 
 @pytest.mark.parametrize("one_target_per_row", [False, True])
 def test_training_loss_leaves_the_predicted_transition_out(one_target_per_row):
-    model = prior_model()
+    model = prior_model(transition_prior_in_loss=True)
     labels = IDS.masked_fill(MASK == 0, -100)
     if one_target_per_row:
         labels = torch.tensor([5, 5, -100])
@@ -106,7 +106,7 @@ def test_training_loss_leaves_the_predicted_transition_out(one_target_per_row):
     reference_weight = weight.detach().clone().requires_grad_(True)
     lags = []
     for lag in range(2):
-        single = prior_model(lags=2)
+        single = prior_model(lags=2, transition_prior_in_loss=True)
         with torch.no_grad():
             single.transition_prior.weight.copy_(torch.eye(2)[lag])
         lags.append(dense_prior(single, IDS, MASK, targets))
@@ -115,6 +115,35 @@ def test_training_loss_leaves_the_predicted_transition_out(one_target_per_row):
     logits[..., :2] = float("-inf")
     F.cross_entropy(logits[keep], targets[keep]).backward()
     torch.testing.assert_close(grad, reference_weight.grad)
+
+
+def test_by_default_the_network_trains_alone():
+    model = prior_model()
+    labels = IDS.masked_fill(MASK == 0, -100)
+    alone = make_model(vocab_size=12)  # same seed: the same network without a prior
+    torch.testing.assert_close(
+        model(input_ids=IDS, attention_mask=MASK, labels=labels).loss,
+        alone(input_ids=IDS, attention_mask=MASK, labels=labels).loss,
+    )
+
+
+def test_calibration_picks_the_best_weights_on_held_out_rows(tokenizer):
+    from seqrec_hf.evaluation import calibrate_transition_prior, evaluate, model_score_fn
+
+    histories = [[f"i{i % 7}", f"i{(i + 1) % 7}", f"i{(i + 3) % 7}", f"i{(i + 4) % 7}"] for i in range(40)]
+    ids = [tokenizer.convert_items_to_ids(h) for h in histories]
+    model = make_model(vocab_size=len(tokenizer), transition_prior_lags=2, transition_prior_size=4)
+    model.transition_prior.set_prior(*build_transition_prior([h[:-1] for h in ids], len(tokenizer), 2, 2, 4))
+    rows = {"item_ids": [h[:-1] for h in histories], "target": [h[-1] for h in histories]}
+    before = evaluate(model_score_fn(model), rows, tokenizer, show_progress=False)["NDCG@10"]
+    result = calibrate_transition_prior(model, rows, tokenizer, grid=(0.0, 1.0, 4.0), show_progress=False)
+    after = evaluate(model_score_fn(model), rows, tokenizer, show_progress=False)["NDCG@10"]
+    assert model.transition_prior.weight.tolist() == result["weights"]
+    assert after == pytest.approx(result["metric"]) and after >= before
+    assert after > 0.9  # the counts know these deterministic transitions; the random network does not
+    assert max(value for _, value in result["trials"]) == pytest.approx(result["metric"])
+    with pytest.raises(ValueError, match="no transition prior"):
+        calibrate_transition_prior(make_model(), rows, tokenizer)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 65536])
@@ -151,4 +180,20 @@ def test_training_counts_the_train_split_and_learns_the_weights(tmp_path):
     assert config["transition_prior_lags"] == 2 and config["transition_prior_size"] == 8
     model = SeqRecForNextItemPrediction.from_pretrained(tmp_path)
     assert model.transition_prior.value.sum() > 0
-    assert not torch.allclose(model.transition_prior.weight, torch.ones(2))  # trained away from the init
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    fitted = metrics["transition_prior_calibration"]["weights"]
+    assert model.transition_prior.weight.tolist() == fitted  # the saved model carries the fitted weights
+    assert metrics["validation"]["NDCG@10"] == pytest.approx(metrics["transition_prior_calibration"]["metric"])
+
+
+def test_joint_training_learns_the_weights(tmp_path):
+    overrides = TINY + [
+        "max_steps=15",
+        "eval_every_steps=15",
+        "transition_prior_lags=1",
+        "transition_prior_in_loss=true",
+    ]
+    overrides += ["calibrate_transition_prior=false"]
+    train(load_recipe(None, dict(parse_overrides(overrides), output_dir=str(tmp_path))))
+    model = SeqRecForNextItemPrediction.from_pretrained(tmp_path)
+    assert not torch.allclose(model.transition_prior.weight, torch.ones(1))  # trained away from the init
