@@ -319,7 +319,7 @@ def calibrate_transition_prior(
             if i == len(cache):
                 cache.append(network_part(batch))
             users, index, value = cache[i]
-            scores = users @ table.t()
+            scores = (users @ table.t()).float()
             return scores.scatter_add(1, index, value * per_entry)
 
         return score
