@@ -247,6 +247,19 @@ def render_model_card(
         architecture += ", no position embeddings"
     elif setting("position_embedding_type") == "from_end":
         architecture += ", positions counted back from the latest event"
+    hops = setting("item_graph_layers")
+    if isinstance(hops, int) and hops > 0:
+        architecture += f", item vectors smoothed over the training transition graph ({hops} hop(s))"
+    lags = setting("transition_prior_lags")
+    if isinstance(lags, int) and lags > 0:
+        calibration = metrics.get("transition_prior_calibration") or {}
+        fitted = calibration.get("weights")
+        how = f"weights {fitted} fitted on validation" if fitted else "learned weights"
+        architecture += (
+            f", plus a count-based transition prior over the last {lags} events ({how}; counted on the training split)"
+        )
+    if recipe.get("ema_decay"):
+        architecture += f"; the weights are an exponential moving average (decay {recipe['ema_decay']})"
     hyper_names = (
         "max_length",
         "hidden_size",
@@ -263,6 +276,10 @@ def render_model_card(
         "filter_mix",
         "filter_window",
         "item_dropout",
+        "item_graph_layers",
+        "transition_prior_lags",
+        "transition_prior_size",
+        "score_norm",
         "use_time_bias",
         "use_time_gap_embedding",
         "time_num_buckets",
@@ -277,6 +294,8 @@ def render_model_card(
         "warmup_steps",
         "lr_scheduler",
         "max_grad_norm",
+        "ema_decay",
+        "train_rows",
         "num_epochs",
         "max_steps",
         "early_stopping_patience",

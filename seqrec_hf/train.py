@@ -728,6 +728,16 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
                 batch_size=recipe.eval_batch_size,
                 max_length=recipe.max_length,
             )
+            if best.transition_prior is not None:  # ablation, reported beside (the prior was chosen on validation)
+                fitted = best.transition_prior.weight.detach().clone()
+                with torch.no_grad():
+                    best.transition_prior.weight.zero_()
+                result["test_network_only"] = evaluate(
+                    model_score_fn(best), splits["test"], tokenizer, batch_size=recipe.eval_batch_size,
+                    max_length=recipe.max_length, show_progress=False,
+                )  # fmt: skip
+                with torch.no_grad():
+                    best.transition_prior.weight.copy_(fitted)
         seconds = state["train_seconds"]
         result.update(
             {

@@ -184,6 +184,9 @@ def test_training_counts_the_train_split_and_learns_the_weights(tmp_path):
     fitted = metrics["transition_prior_calibration"]["weights"]
     assert model.transition_prior.weight.tolist() == fitted  # the saved model carries the fitted weights
     assert metrics["validation"]["NDCG@10"] == pytest.approx(metrics["transition_prior_calibration"]["metric"])
+    assert "NDCG@10" in metrics["test_network_only"] and "NDCG@10" in metrics["validation_at_selection"]
+    card = (tmp_path / "README.md").read_text()
+    assert "transition prior over the last 2 events" in card and str(fitted) in card
 
 
 def test_joint_training_learns_the_weights(tmp_path):
