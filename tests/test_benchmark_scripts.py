@@ -147,3 +147,35 @@ def test_gpu_benchmark_runs_on_cpu_and_counts_flops(tmp_path):
     assert all(math.isfinite(v) for v in result["loss_first_last"])
     assert result["config"]["items"] == 200 and "gpu.py --device cpu" in result["command"]
     assert "| tokens/s |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_shifted_script_tabulates_runs_and_stacks_a_prior(recipe, results_dir, tmp_path, monkeypatch):
+    import shifted
+
+    from seqrec_hf.train import load_recipe, parse_overrides, train
+
+    monkeypatch.setattr(shifted, "RESULTS", results_dir)
+    runs = {}
+    for name, extra in (("a", []), ("b", ["seed=5"])):
+        overrides = parse_overrides(TINY + ["max_steps=12", "eval_every_steps=4", "drop_last_events=1"] + extra)
+        overrides.update(log_test_metrics=True, output_dir=str(tmp_path / name))
+        train(load_recipe(None, overrides))
+        runs[name] = str(tmp_path / name)
+    argv = ["--collect", f"a={runs['a']}", "train a", "--posthoc-prior", f"a+prior={runs['a']}", "train a",
+            "--lags", "1", "--ensemble", "ab", runs["a"], runs["b"]]  # fmt: skip
+    assert shifted.main(argv) == 0
+    results = json.loads((results_dir / "shifted.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "validation" in r]
+    best = max(evals, key=lambda r: r["validation"]["NDCG@10"])
+    assert results["a"]["result"]["test"] == best["test"]["NDCG@10"]  # the test at the selected epoch
+    assert results["a"]["result"]["epoch"] == best["epoch"] + 1
+    stacked = results["a+prior"]["result"]
+    assert stacked["validation"] >= results["a"]["result"]["validation"] - 1e-9  # weight 0 is on the grid
+    assert len(stacked["weights"]) == 1
+    assert 0 <= results["ab"]["result"]["test"] <= 1
+    assert "| a+prior |" in (results_dir / "shifted.md").read_text()
+    real = tmp_path / "real"
+    train(load_recipe(None, dict(parse_overrides(TINY + ["max_steps=4", "eval_every_steps=4"]), output_dir=str(real))))
+    with pytest.raises(ValueError, match="test curve"):
+        shifted.selected_epoch(real)
