@@ -171,6 +171,11 @@ def render(results: dict) -> str:
                 + " | ".join(cells)
                 + f" | {s['validation NDCG@10']['mean']:.4f} | {s['train_seconds']['mean']:.0f} |"
             )
+            if all("test_network_only" in r for r in entry["runs"]):  # ablation of the same runs
+                alone = summarise([{**r, "test": r["test_network_only"]} for r in entry["runs"]])
+                cells = [f"{alone[m]['mean']:.4f} ± {alone[m]['std']:.4f}" for m in METRICS]
+                lines.append(f"| {entry['variant']}: its network alone (no prior) | {len(entry['seeds'])} | "
+                             + " | ".join(cells) + " | - | - |")  # fmt: skip
         for name, values in baseline_results(dataset).items():
             cells = [f"{values[m]:.4f}" if m in values else "-" for m in METRICS]
             lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - | - |")
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.time()
                 result = train(recipe)
                 result["wall_seconds"] = time.time() - start
-            runs.append({k: result[k] for k in ("test", "validation", "train_seconds", "best_step", "wall_seconds")})
+            keys = ("test", "validation", "train_seconds", "best_step", "wall_seconds", "test_network_only")
+            runs.append({k: result[k] for k in keys if k in result})
             print(f"{args.name}/{name} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f} "
                   f"HR@10 {result['test']['HR@10']:.4f}", flush=True)  # fmt: skip
         entry = {
