@@ -85,10 +85,13 @@ def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64) -> dict:
     trained = SeqRecForNextItemPrediction.from_pretrained(Path(run_dir) / "best_model")
     config = trained.config
     config.transition_prior_lags, config.transition_prior_size = lags, size
+    config.transition_prior_vocab_size = len(tokenizer)
     model = SeqRecForNextItemPrediction(config)
-    model.load_state_dict(trained.state_dict(), strict=False)  # everything but the new prior
+    weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("transition_prior.")}
+    model.load_state_dict(weights, strict=False)  # the network; the prior is new
     histories = [tokenizer.convert_items_to_ids(items) for items in splits["train"]["item_ids"]]
-    model.transition_prior.set_prior(*build_transition_prior(histories, len(tokenizer), 2, lags, size))
+    special = tokenizer.num_special_tokens
+    model.transition_prior.set_prior(*build_transition_prior(histories, len(tokenizer), special, lags, size))
     model.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16"):
         fit = calibrate_transition_prior(model, splits["validation"], tokenizer, max_length=recipe.max_length)
@@ -111,7 +114,11 @@ def ensemble(run_dirs: list[str]) -> dict:
 
     @torch.no_grad()
     def score(batch):
-        outs = [torch.log_softmax(m(**batch, logits_to_keep=1).logits[:, -1].float(), -1) for m in models]
+        outs = []
+        for m in models:
+            logits = m(**batch, logits_to_keep=1).logits[:, -1].float()
+            logits[:, : tokenizer.num_special_tokens] = float("-inf")  # never candidates: not in the softmax
+            outs.append(torch.log_softmax(logits, -1))
         return torch.stack(outs).mean(0)
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16"):

@@ -72,6 +72,8 @@ class SeqRecConfig(PreTrainedConfig):
         transition_prior_weight: Initial weight w_k of every lag (training calibrates them on validation).
         transition_prior_in_loss: Train the network together with the prior (w_k learned in the loss, the
             count of the predicted transition left out) instead of alone, with w_k fitted afterwards.
+        transition_prior_vocab_size: Items the prior's tables cover (0: `vocab_size`); kept when the
+            vocabulary grows, since items added later have no counts.
         score_norm: Score items by cosine similarity over a temperature instead of the dot product (user state
             and item vectors scaled to unit length): an item's score no longer grows with the norm its
             embedding gets from being a frequent target, so popular items do not win on norm alone.
@@ -144,6 +146,7 @@ class SeqRecConfig(PreTrainedConfig):
     transition_prior_size: int = 64
     transition_prior_weight: float = 1.0
     transition_prior_in_loss: bool = False
+    transition_prior_vocab_size: int = 0
     score_norm: bool = False
     score_temperature: float = 0.05
     layer_norm_eps: float = 1e-6
@@ -218,7 +221,7 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {mix!r}")
         if not _is_int(self.filter_window) or self.filter_window < 0:
             raise ValueError(f"SeqRecConfig.filter_window must be a non-negative integer, got {self.filter_window!r}")
-        for name in ("item_graph_layers", "item_graph_edges", "transition_prior_lags"):
+        for name in ("item_graph_layers", "item_graph_edges", "transition_prior_lags", "transition_prior_vocab_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"SeqRecConfig.{name} must be a non-negative integer, got {value!r}")

@@ -970,7 +970,10 @@ class SeqRecCollator:
             pad_to_multiple_of=self.pad_to_multiple_of,
         )
         num_special = getattr(self.tokenizer, "num_special_tokens", 2)
-        if all("target" in f for f in features):  # prefix rows: one target, after the last event
+        with_target = ["target" in f for f in features]
+        if any(with_target) and not all(with_target):
+            raise ValueError("some rows of the batch have a `target` (prefix rows) and others do not")
+        if all(with_target):  # prefix rows: one target, after the last event
             targets = [f["target"] for f in features]
             if not all("input_ids" in f for f in features):  # raw ids, like the inputs
                 targets = self.tokenizer.convert_items_to_ids(targets)

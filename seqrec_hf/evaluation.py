@@ -303,14 +303,13 @@ def calibrate_transition_prior(
 
     def network_part(batch):
         inputs = {key: value.to(device) for key, value in batch.items()}
-        weights = prior.weight.detach().clone()
-        prior.weight.fill_(1.0)  # raw log-counts per lag: weights are applied below
-        index, value = prior(inputs["input_ids"], inputs["attention_mask"])
-        prior.weight.copy_(weights)
+        index, value = prior(inputs["input_ids"], inputs["attention_mask"], weighted=False)  # weights applied below
         hidden = model.model(**inputs).last_hidden_state[:, -1]
         return model.score_users(hidden).float(), index[:, -1], value[:, -1].float()
 
     def score_fn_for(weights: torch.Tensor):
+        # `evaluate` visits the rows in the same order on every call (sorted by length, then in batches), so
+        # the i-th call of any grid point sees the i-th batch: the cache is keyed by that index.
         calls = iter(range(10**12))
         per_entry = weights.to(device).repeat_interleave(size)  # (lags * size,)
 

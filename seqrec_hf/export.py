@@ -54,7 +54,8 @@ class SeqRecServingModule(nn.Module):
         self.chunk_size = chunk_size or model.config.recommend_chunk_size
         self.exclude_history = exclude_history
         self.time_aware = bool(model.config.uses_timestamps)
-        # An item graph is fixed after training: bake the smoothed table in (sparse ops do not export).
+        # An item graph is fixed after training: bake the smoothed table in once, instead of a sparse product
+        # in every call of the program.
         table = None
         if model.model.item_graph is not None:
             with torch.no_grad():
@@ -221,7 +222,9 @@ def export_for_serving(
         model: a `SeqRecForNextItemPrediction` (put in eval mode here; weights are copied into the program).
         input_ids, attention_mask, timestamps, query_timestamps: an example batch, e.g. the tokenizer's output
             Use at least two rows: a batch of one is specialised while tracing.
-        top_k: return the top-k `(item_ids, scores)` as `recommend()` does; None returns user vectors.
+        top_k: return the top-k `(item_ids, scores)` as `recommend()` does; None returns user vectors, to be
+            scored against `model.item_table()` (graph-smoothed, unit length with `score_norm`) in an ANN
+            index; a transition prior is then not applied (it needs the history, which the index never sees).
         chunk_size: catalog items scored at once (default `config.recommend_chunk_size`).
         exclude_history: never recommend items of the input history (as `recommend()`).
     """

@@ -253,6 +253,7 @@ class SeqRecItemGraph(nn.Module):
         self.gain = nn.Parameter(torch.full((config.item_graph_layers,), float(config.item_graph_gain)))
 
     def set_graph(self, index: torch.Tensor, value: torch.Tensor) -> None:
+        """Load a graph from `build_item_graph`; its edge count must be the config's (it sized the buffers)."""
         if index.shape != self.index.shape or value.shape != self.value.shape:
             raise ValueError(
                 f"the graph has {value.numel()} edges but config.item_graph_edges={self.value.numel()}:"
@@ -265,7 +266,11 @@ class SeqRecItemGraph(nn.Module):
         vocab_size = weight.shape[0]
         keep = (self.index < vocab_size).all(0)  # a vocabulary cut after training drops its edges
         adjacency = torch.sparse_coo_tensor(
-            self.index[:, keep], self.value[keep], (vocab_size, vocab_size), is_coalesced=True, check_invariants=False
+            self.index[:, keep],
+            self.value[keep].float(),  # fp32 even in a model cast to bf16: sparse mm needs one dtype
+            (vocab_size, vocab_size),
+            is_coalesced=True,
+            check_invariants=False,
         )  # built coalesced (sorted, unique) by `build_item_graph`
         with torch.autocast(weight.device.type, enabled=False):
             hop, out = weight.float(), weight.float()
@@ -312,11 +317,16 @@ class SeqRecTransitionPrior(nn.Module):
     def __init__(self, config: SeqRecConfig):
         super().__init__()
         lags, size = config.transition_prior_lags, config.transition_prior_size
-        self.register_buffer("index", torch.zeros(lags, config.vocab_size, size, dtype=torch.int32))
-        self.register_buffer("value", torch.zeros(lags, config.vocab_size, size))
+        items = config.transition_prior_vocab_size or config.vocab_size  # fixed at training: resizing keeps it
+        self.register_buffer("index", torch.zeros(lags, items, size, dtype=torch.int32))
+        self.register_buffer("value", torch.zeros(lags, items, size))
         self.weight = nn.Parameter(torch.full((lags,), float(config.transition_prior_weight)))
+        # Stacked (the default): the weights never reach the loss. A frozen parameter keeps them out of the
+        # optimizer and out of DDP's gradient reduction, which fails on parameters without gradients.
+        self.weight.requires_grad_(bool(config.transition_prior_in_loss))
 
     def set_prior(self, index: torch.Tensor, value: torch.Tensor) -> None:
+        """Load tables from `build_transition_prior`; their shape must be the config's (it sized the buffers)."""
         if index.shape != self.index.shape or value.shape != self.value.shape:
             raise ValueError(
                 f"the prior tables have shape {tuple(index.shape)} but the config says {tuple(self.index.shape)}"
@@ -326,11 +336,16 @@ class SeqRecTransitionPrior(nn.Module):
         self.value.copy_(value)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        weighted: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, value), each (B, T, lags * size): the sparse scores of every position's next item.
 
         `targets` (B, T): the item each position is trained to predict (-100: none); its count is left out.
+        `weighted=False`: the raw log-counts, lag by lag (what calibration re-weights).
         """
         known = self.index.shape[1]  # items added after training have no counts: row 0 ([PAD]) is empty
         ids = torch.where(attention_mask.bool() & (input_ids < known), input_ids, 0)
@@ -338,12 +353,12 @@ class SeqRecTransitionPrior(nn.Module):
         for lag in range(self.index.shape[0]):
             source = F.pad(ids, (lag, 0))[:, : ids.shape[1]]  # the event `lag` steps before each position
             index = self.index[lag][source].long()  # (B, T, size)
-            value = self.value[lag][source]
+            value = self.value[lag][source].float()  # fp32 in a bf16 model too: log-counts need the precision
             if targets is not None:  # leave-one-out: this occurrence of (source -> target) is not evidence
                 hit = index == targets[..., None]
                 value = torch.where(hit, torch.log1p((torch.expm1(value) - 1.0).clamp(min=0.0)), value)
             indices.append(index)
-            values.append(self.weight[lag] * value)
+            values.append(self.weight[lag] * value if weighted else value)
         return torch.cat(indices, dim=-1), torch.cat(values, dim=-1)
 
 
@@ -869,7 +884,7 @@ def next_item_loss(
     if labels.dim() == 1:  # one target per row, after its last event (prefix rows): the last position predicts
         if target_window > 1:
             raise ValueError("target_window > 1 needs (batch, seq_len) labels: a row with one target has no window")
-        keep = labels >= num_special_tokens
+        keep = (labels >= num_special_tokens) & attention_mask[:, -1].bool()  # left padding: the last one is real
         hidden, targets = hidden_states[:, -1][keep], labels[keep]
         if bias_index is not None:
             bias = bias_index[:, -1][keep], bias_value[:, -1][keep]
@@ -1004,6 +1019,13 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.item_head
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        """`PreTrainedModel.resize_token_embeddings`, keeping the transition prior's tables at the size they were
+        counted at (items added later have no counts), so the resized model saves and loads."""
+        if self.transition_prior is not None and not self.config.transition_prior_vocab_size:
+            self.config.transition_prior_vocab_size = self.transition_prior.index.shape[1]
+        return super().resize_token_embeddings(*args, **kwargs)
+
     def item_table(self) -> torch.Tensor:
         """(V, d) item vectors that score the next item: the output embeddings, smoothed over the item graph
         when the config has one (the smoothed table is also the input embedding of tied models), unit length
@@ -1099,10 +1121,11 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         if logits_to_keep >= 0:
             kept = scoring_states if logits_to_keep == 0 else scoring_states[:, -logits_to_keep:]
             logits = kept @ output_weight.t()
-            if self.transition_prior is not None:  # the serving-time prior (nothing left out)
-                index, value = self.transition_prior(input_ids, attention_mask)
-                keep = kept.shape[1]
-                logits = logits.scatter_add(-1, index[:, -keep:], value[:, -keep:].to(logits.dtype))
+            if self.transition_prior is not None:  # the serving-time prior (nothing left out), in fp32 as in
+                keep = kept.shape[1]  # recommend() and the export; only the kept positions and their sources
+                span = keep + self.transition_prior.index.shape[0] - 1
+                index, value = self.transition_prior(input_ids[:, -span:], attention_mask[:, -span:])
+                logits = logits.float().scatter_add(-1, index[:, -keep:], value[:, -keep:])
         return NextItemPredictionOutput(
             loss=loss,
             logits=logits,

@@ -170,6 +170,11 @@ class TrainingRecipe:
             raise ValueError(f"train_rows must be 'sequences' or 'prefixes', got {self.train_rows!r}")
         if self.train_rows == "prefixes" and self.sliding_window_stride:
             raise ValueError("sliding_window_stride applies to train_rows='sequences' (prefix rows cover every target)")
+        if self.position_embedding_type == "from_end" and self.train_rows == "sequences":
+            logger.warning(
+                "position_embedding_type='from_end' with train_rows='sequences': training positions are counted"
+                " from the end of each training row, serving positions from the request; use train_rows='prefixes'"
+            )
         if self.train_rows == "prefixes" and self.target_window > 1:
             raise ValueError("target_window > 1 needs train_rows='sequences' (a prefix row has one target)")
         if self.log_test_metrics and self.drop_last_events < 1:
@@ -201,7 +206,10 @@ def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: d
     special = tokenizer.num_special_tokens
     graph = build_item_graph(histories, len(tokenizer), special) if recipe.item_graph_layers > 0 else None
     edges = graph[1].numel() if graph is not None else 0
-    model = SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer), item_graph_edges=edges))
+    config = recipe.model_config(len(tokenizer), item_graph_edges=edges)
+    if recipe.transition_prior_lags > 0:
+        config.transition_prior_vocab_size = len(tokenizer)
+    model = SeqRecForNextItemPrediction(config)
     if graph is not None:
         model.model.item_graph.set_graph(*graph)
         logger.info("item graph: %d edges between %d items", edges, len(tokenizer))
@@ -511,6 +519,8 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     model = build_model(recipe, tokenizer, splits["train"])
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # e.g. the stacked prior's weights, fitted after training
+            continue
         (no_decay if param.dim() < 2 or "norm" in name or "embed_positions" in name else decay).append(param)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -706,7 +716,8 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
             raise RuntimeError(f"no validated model in {best_dir}: training ran no validation")
         best = SeqRecForNextItemPrediction.from_pretrained(best_dir).to(accelerator.device)
         validation = _best_validation(output_dir / "train_log.jsonl", state["best_step"])
-        if best.transition_prior is not None and recipe.calibrate_transition_prior:
+        stacked = best.transition_prior is not None and not recipe.transition_prior_in_loss
+        if stacked and recipe.calibrate_transition_prior:  # jointly trained weights are kept as learned
             # stacking: the lag weights are fitted on held-out rows (validation), never on test
             with accelerator.autocast():
                 calibration = calibrate_transition_prior(

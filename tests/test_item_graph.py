@@ -148,3 +148,9 @@ def test_cosine_scores_in_logits_loss_recommend_and_export(with_graph):
     torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="score_temperature"):
         make_model(score_norm=True, score_temperature=0)
+
+
+def test_graph_model_cast_to_bf16_still_runs():
+    model, _ = graph_model()
+    model = model.to(torch.bfloat16)
+    assert torch.isfinite(model(input_ids=torch.tensor([[2, 3, 4]])).logits.float()).all()

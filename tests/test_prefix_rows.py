@@ -190,3 +190,13 @@ def test_training_with_a_weight_average_selects_and_saves_the_average(tmp_path):
         torch.testing.assert_close(saved[key], average[key])  # ... and it is what was selected and saved
     with pytest.raises(ValueError, match="ema_decay"):
         load_recipe(None, {"ema_decay": 1.0})
+
+
+def test_rows_of_both_kinds_in_one_batch_are_an_error_and_padding_never_predicts():
+    tok = ItemTokenizer.from_items("abc")
+    with pytest.raises(ValueError, match="target"):
+        SeqRecCollator(tok)([{"item_ids": ["a"], "target": "b"}, {"item_ids": ["a", "b"]}])
+    model = make_model()
+    ids = torch.tensor([[5, 6, 0]])  # right padded by mistake: the last position is padding
+    loss = model(input_ids=ids, attention_mask=(ids != 0).long(), labels=torch.tensor([7])).loss
+    assert loss == 0  # nothing learned from a padding position

@@ -109,6 +109,7 @@ def test_bf16_cpu_training_and_outputs(tmp_path):
 
 def test_accelerate_launch_starts_two_gloo_processes_and_matches_one(tmp_path):
     common = TINY + ["max_steps=30", "eval_every_steps=30", "hidden_dropout_prob=0", "attention_dropout=0"]
+    common += ["transition_prior_lags=1", "ema_decay=0.9"]  # a frozen (stacked) prior must not break DDP
     one = run_train(["--output-dir", str(tmp_path / "one"), *common, "batch_size=16"])
     out_one, _ = one.communicate(timeout=600)
     assert one.returncode == 0, out_one[-3000:]

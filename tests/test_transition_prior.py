@@ -200,3 +200,32 @@ def test_joint_training_learns_the_weights(tmp_path):
     train(load_recipe(None, dict(parse_overrides(overrides), output_dir=str(tmp_path))))
     model = SeqRecForNextItemPrediction.from_pretrained(tmp_path)
     assert not torch.allclose(model.transition_prior.weight, torch.ones(1))  # trained away from the init
+
+
+def test_resized_model_with_a_prior_saves_and_loads(tmp_path):
+    model = prior_model()
+    model.resize_token_embeddings(14)
+    assert model.config.transition_prior_vocab_size == 12  # the tables keep the size they were counted at
+    model.save_pretrained(tmp_path)
+    loaded = SeqRecForNextItemPrediction.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[2, 3, 12]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_bf16_model_and_autocast_agree_with_recommend():
+    model = prior_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=IDS, attention_mask=MASK, logits_to_keep=1).logits[:, -1]
+        assert logits.dtype == torch.float32  # the prior is added in fp32, as in recommend() and the export
+        _, scores = model.recommend(input_ids=IDS, attention_mask=MASK, top_k=3, exclude_history=False)
+    masked = logits.clone()
+    masked[:, :2] = float("-inf")
+    torch.testing.assert_close(scores, masked.topk(3).values, atol=2e-2, rtol=1e-2)
+    cast = prior_model().to(torch.bfloat16)
+    assert cast.transition_prior.value.dtype == torch.bfloat16
+    assert torch.isfinite(cast(input_ids=IDS, attention_mask=MASK).logits).all()
+
+
+def test_stacked_prior_weights_are_frozen_and_kept_out_of_the_optimizer():
+    assert not prior_model().transition_prior.weight.requires_grad
+    assert prior_model(transition_prior_in_loss=True).transition_prior.weight.requires_grad
