@@ -179,3 +179,21 @@ def test_shifted_script_tabulates_runs_and_stacks_a_prior(recipe, results_dir, t
     train(load_recipe(None, dict(parse_overrides(TINY + ["max_steps=4", "eval_every_steps=4"]), output_dir=str(real))))
     with pytest.raises(ValueError, match="test curve"):
         shifted.selected_epoch(real)
+
+
+def test_refinish_redoes_the_end_of_a_finished_run(tmp_path):
+    import refinish
+
+    from seqrec_hf.train import load_recipe, parse_overrides, train
+
+    overrides = parse_overrides(TINY + ["max_steps=8", "eval_every_steps=4", "transition_prior_lags=1"])
+    result = train(load_recipe(None, dict(overrides, output_dir=str(tmp_path))))
+    path = tmp_path / "metrics.json"
+    stale = json.loads(path.read_text())
+    stale["test"] = {"NDCG@10": -1.0}
+    path.write_text(json.dumps(stale))
+    assert refinish.main([str(tmp_path)]) == 0
+    redone = json.loads(path.read_text())
+    assert redone["test"] == result["test"]  # same weights, same code: the same numbers again
+    assert redone["transition_prior_calibration"]["weights"] == result["transition_prior_calibration"]["weights"]
+    assert redone["best_step"] == result["best_step"]
