@@ -74,9 +74,9 @@ def _recipe_and_splits(run_dir: str | Path):
     return recipe, splits, tokenizer
 
 
-def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64) -> dict:
+def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64, reverse: bool = False) -> dict:
     """Stack a transition prior (counted on the run's train split) on its best model, fit the weights on
-    the shifted validation, then score the shifted test."""
+    the shifted validation, then score the shifted test (in fp32, as training's own evaluation)."""
     from seqrec_hf import SeqRecForNextItemPrediction
     from seqrec_hf.evaluation import calibrate_transition_prior, evaluate, model_score_fn
     from seqrec_hf.modeling_seqrec import build_transition_prior
@@ -85,17 +85,18 @@ def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64) -> dict:
     trained = SeqRecForNextItemPrediction.from_pretrained(Path(run_dir) / "best_model")
     config = trained.config
     config.transition_prior_lags, config.transition_prior_size = lags, size
+    config.transition_prior_reverse = reverse
     config.transition_prior_vocab_size = len(tokenizer)
     model = SeqRecForNextItemPrediction(config)
     weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("transition_prior.")}
     model.load_state_dict(weights, strict=False)  # the network; the prior is new
     histories = [tokenizer.convert_items_to_ids(items) for items in splits["train"]["item_ids"]]
     special = tokenizer.num_special_tokens
-    model.transition_prior.set_prior(*build_transition_prior(histories, len(tokenizer), special, lags, size))
+    tables = build_transition_prior(histories, len(tokenizer), special, lags, size, reverse=reverse)
+    model.transition_prior.set_prior(*tables)
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16"):
-        fit = calibrate_transition_prior(model, splits["validation"], tokenizer, max_length=recipe.max_length)
-        test = evaluate(model_score_fn(model), splits["test"], tokenizer, max_length=recipe.max_length)
+    fit = calibrate_transition_prior(model, splits["validation"], tokenizer, max_length=recipe.max_length)
+    test = evaluate(model_score_fn(model), splits["test"], tokenizer, max_length=recipe.max_length)
     return {
         "validation": fit["metric"],
         "test": test["NDCG@10"],
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", nargs=2, action="append", default=[], metavar=("NAME=DIR", "COMMAND"))
     parser.add_argument("--posthoc-prior", nargs=2, action="append", default=[], metavar=("NAME=DIR", "COMMAND"))
     parser.add_argument("--lags", type=int, default=2, help="lags of the post-hoc prior")
+    parser.add_argument("--reverse", action="store_true", help="add the reverse table (transition_prior_reverse)")
     parser.add_argument("--ensemble", nargs="+", metavar=("NAME", "DIR"), help="a name, then two or more runs")
     args = parser.parse_args(argv)
     commit = git_commit()
@@ -169,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         entries[name] = {"result": selected_epoch(run), "command": command, "commit": commit}
     for spec, command in args.posthoc_prior:
         name, run = spec.split("=", 1)
-        cmd = f"python benchmarks/shifted.py --posthoc-prior {spec} --lags {args.lags} (on the run made by: {command})"
-        entries[name] = {"result": posthoc_prior(run, args.lags), "command": cmd, "commit": commit}
+        flags = f"--lags {args.lags}" + (" --reverse" if args.reverse else "")
+        cmd = f"python benchmarks/shifted.py --posthoc-prior {spec} {flags} (on the run made by: {command})"
+        result = posthoc_prior(run, args.lags, reverse=args.reverse)
+        entries[name] = {"result": result, "command": cmd, "commit": commit}
     if args.ensemble:
         name, runs = args.ensemble[0], args.ensemble[1:]
         if len(runs) < 2:

@@ -69,6 +69,10 @@ class SeqRecConfig(PreTrainedConfig):
             (tables saved with the weights). Exact co-purchase memory that a 64-wide embedding only
             approximates, interpolated with the network as n-grams with a neural language model.
         transition_prior_size: Successors kept per item and lag (the most frequent ones).
+        transition_prior_reverse: Add one more table, read at the current event i: w * log(1 + #(j, then i))
+            over the training histories, the items bought just *before* i. Purchase orders within a basket are
+            arbitrary, so "j came before i" is evidence for j next too (the counts of the forward tables only
+            see one direction). Its weight is the last of the lag weights.
         transition_prior_weight: Initial weight w_k of every lag (training calibrates them on validation).
         transition_prior_in_loss: Train the network together with the prior (w_k learned in the loss, the
             count of the predicted transition left out) instead of alone, with w_k fitted afterwards.
@@ -144,6 +148,7 @@ class SeqRecConfig(PreTrainedConfig):
     item_graph_edges: int = 0
     transition_prior_lags: int = 0
     transition_prior_size: int = 64
+    transition_prior_reverse: bool = False
     transition_prior_weight: float = 1.0
     transition_prior_in_loss: bool = False
     transition_prior_vocab_size: int = 0
@@ -233,6 +238,12 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(
                 f"SeqRecConfig.transition_prior_weight must be a number, got {self.transition_prior_weight!r}"
             )
+        if not isinstance(self.transition_prior_reverse, bool):
+            raise ValueError(
+                f"SeqRecConfig.transition_prior_reverse must be true or false, got {self.transition_prior_reverse!r}"
+            )
+        if self.transition_prior_reverse and not self.transition_prior_lags:
+            raise ValueError("SeqRecConfig.transition_prior_reverse needs transition_prior_lags >= 1")
         if self.transition_prior_lags and self.loss_type != "full_ce":
             raise ValueError("SeqRecConfig.transition_prior_lags is implemented for loss_type='full_ce' only")
         if not _is_number(self.item_graph_gain):

@@ -255,8 +255,10 @@ def render_model_card(
         calibration = metrics.get("transition_prior_calibration") or {}
         fitted = calibration.get("weights")
         how = f"weights {fitted} fitted on validation" if fitted else "learned weights"
+        reverse = " and the current event's predecessors" if setting("transition_prior_reverse") else ""
         architecture += (
-            f", plus a count-based transition prior over the last {lags} events ({how}; counted on the training split)"
+            f", plus a count-based transition prior over the last {lags} events{reverse} ({how}; counted on the"
+            " training split)"
         )
     if recipe.get("ema_decay"):
         architecture += f"; the weights are an exponential moving average (decay {recipe['ema_decay']})"
@@ -279,6 +281,7 @@ def render_model_card(
         "item_graph_layers",
         "transition_prior_lags",
         "transition_prior_size",
+        "transition_prior_reverse",
         "score_norm",
         "use_time_bias",
         "use_time_gap_embedding",

@@ -318,9 +318,13 @@ class SeqRecTransitionPrior(nn.Module):
         super().__init__()
         lags, size = config.transition_prior_lags, config.transition_prior_size
         items = config.transition_prior_vocab_size or config.vocab_size  # fixed at training: resizing keeps it
-        self.register_buffer("index", torch.zeros(lags, items, size, dtype=torch.int32))
-        self.register_buffer("value", torch.zeros(lags, items, size))
-        self.weight = nn.Parameter(torch.full((lags,), float(config.transition_prior_weight)))
+        # table t reads the event shifts[t] steps back: the forward lags, then the reverse table at the current event
+        self.shifts = list(range(lags)) + ([0] if config.transition_prior_reverse else [])
+        self.context = lags  # events a position's tables read (itself and lags - 1 before it)
+        tables = len(self.shifts)
+        self.register_buffer("index", torch.zeros(tables, items, size, dtype=torch.int32))
+        self.register_buffer("value", torch.zeros(tables, items, size))
+        self.weight = nn.Parameter(torch.full((tables,), float(config.transition_prior_weight)))
         # Stacked (the default): the weights never reach the loss. A frozen parameter keeps them out of the
         # optimizer and out of DDP's gradient reduction, which fails on parameters without gradients.
         self.weight.requires_grad_(bool(config.transition_prior_in_loss))
@@ -330,7 +334,7 @@ class SeqRecTransitionPrior(nn.Module):
         if index.shape != self.index.shape or value.shape != self.value.shape:
             raise ValueError(
                 f"the prior tables have shape {tuple(index.shape)} but the config says {tuple(self.index.shape)}"
-                " (transition_prior_lags, vocab_size, transition_prior_size)"
+                " (transition_prior_lags + transition_prior_reverse, vocab_size, transition_prior_size)"
             )
         self.index.copy_(index)
         self.value.copy_(value)
@@ -342,19 +346,20 @@ class SeqRecTransitionPrior(nn.Module):
         targets: torch.Tensor | None = None,
         weighted: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index, value), each (B, T, lags * size): the sparse scores of every position's next item.
+        """(index, value), each (B, T, tables * size): the sparse scores of every position's next item.
 
-        `targets` (B, T): the item each position is trained to predict (-100: none); its count is left out.
+        `targets` (B, T): the item each position is trained to predict (-100: none); its count is left out of
+        the forward tables (the reverse table never counted it: it holds "target, then source" pairs).
         `weighted=False`: the raw log-counts, lag by lag (what calibration re-weights).
         """
         known = self.index.shape[1]  # items added after training have no counts: row 0 ([PAD]) is empty
         ids = torch.where(attention_mask.bool() & (input_ids < known), input_ids, 0)
         indices, values = [], []
-        for lag in range(self.index.shape[0]):
-            source = F.pad(ids, (lag, 0))[:, : ids.shape[1]]  # the event `lag` steps before each position
+        for lag, shift in enumerate(self.shifts):
+            source = F.pad(ids, (shift, 0))[:, : ids.shape[1]]  # the event `shift` steps before each position
             index = self.index[lag][source].long()  # (B, T, size)
             value = self.value[lag][source].float()  # fp32 in a bf16 model too: log-counts need the precision
-            if targets is not None:  # leave-one-out: this occurrence of (source -> target) is not evidence
+            if targets is not None and lag < self.context:  # leave-one-out: this (source -> target) is not evidence
                 hit = index == targets[..., None]
                 value = torch.where(hit, torch.log1p((torch.expm1(value) - 1.0).clamp(min=0.0)), value)
             indices.append(index)
@@ -363,15 +368,19 @@ class SeqRecTransitionPrior(nn.Module):
 
 
 def build_transition_prior(
-    histories: list[list[int]], vocab_size: int, num_special: int, lags: int, size: int
+    histories: list[list[int]], vocab_size: int, num_special: int, lags: int, size: int, reverse: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, value), each (lags, vocab_size, size): for every item, its `size` most frequent successors
-    `lag + 1` events later in `histories` (token ids; ties by id) and log(1 + count); unused slots point at
-    [PAD] (id 0, never scored) with value 0."""
-    index = torch.zeros(lags, vocab_size, size, dtype=torch.int32)
-    value = torch.zeros(lags, vocab_size, size)
-    for lag in range(lags):
-        pairs = [(a, b) for ids in histories for a, b in zip(ids, ids[lag + 1 :]) if min(a, b) >= num_special]
+    """(index, value), each (lags + reverse, vocab_size, size): for every item, its `size` most frequent
+    successors `lag + 1` events later in `histories` (token ids; ties by id) and log(1 + count); with
+    `reverse`, a last table of its most frequent direct predecessors. Unused slots point at [PAD] (id 0, never
+    scored) with value 0."""
+    index = torch.zeros(lags + int(reverse), vocab_size, size, dtype=torch.int32)
+    value = torch.zeros(lags + int(reverse), vocab_size, size)
+    for lag in range(lags + int(reverse)):
+        step = lag + 1 if lag < lags else 1
+        pairs = [(a, b) for ids in histories for a, b in zip(ids, ids[step:]) if min(a, b) >= num_special]
+        if lag == lags:  # the reverse table: keyed by the later event
+            pairs = [(b, a) for a, b in pairs]
         if not pairs:
             continue
         both = torch.tensor(pairs, dtype=torch.long)
@@ -1123,7 +1132,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             logits = kept @ output_weight.t()
             if self.transition_prior is not None:  # the serving-time prior (nothing left out), in fp32 as in
                 keep = kept.shape[1]  # recommend() and the export; only the kept positions and their sources
-                span = keep + self.transition_prior.index.shape[0] - 1
+                span = keep + self.transition_prior.context - 1
                 index, value = self.transition_prior(input_ids[:, -span:], attention_mask[:, -span:])
                 logits = logits.float().scatter_add(-1, index[:, -keep:], value[:, -keep:])
         return NextItemPredictionOutput(
@@ -1171,8 +1180,8 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         prior = None
         if self.transition_prior is not None:
             index, value = self.transition_prior(
-                input_ids[:, -self.transition_prior.index.shape[0] :],
-                attention_mask[:, -self.transition_prior.index.shape[0] :],
+                input_ids[:, -self.transition_prior.context :],
+                attention_mask[:, -self.transition_prior.context :],
             )
             prior = index[:, -1], value[:, -1].float()  # (B, lags * size) of the last position
         vocab_size, device = weight.shape[0], weight.device

@@ -101,6 +101,7 @@ class TrainingRecipe:
     item_graph_gain: float = field(default=1.0, metadata={"help": "Initial gain of each graph hop."})
     transition_prior_lags: int = field(default=0, metadata={"help": "Count-based transition scores (0: off)."})
     transition_prior_size: int = field(default=64, metadata={"help": "Successors kept per item and lag."})
+    transition_prior_reverse: bool = field(default=False, metadata={"help": "Also score each item's predecessors."})
     transition_prior_weight: float = field(default=1.0, metadata={"help": "Initial weight of each lag."})
     transition_prior_in_loss: bool = field(default=False, metadata={"help": "Train the network with the prior."})
     calibrate_transition_prior: bool = field(
@@ -215,7 +216,12 @@ def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: d
         logger.info("item graph: %d edges between %d items", edges, len(tokenizer))
     if recipe.transition_prior_lags > 0:
         prior = build_transition_prior(
-            histories, len(tokenizer), special, recipe.transition_prior_lags, recipe.transition_prior_size
+            histories,
+            len(tokenizer),
+            special,
+            recipe.transition_prior_lags,
+            recipe.transition_prior_size,
+            reverse=recipe.transition_prior_reverse,
         )
         model.transition_prior.set_prior(*prior)
         logger.info(

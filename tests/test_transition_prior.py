@@ -35,34 +35,37 @@ def test_tables_hold_the_most_frequent_successors_with_log_counts():
     assert index[0, 3].tolist() == [4, 5]  # 3 -> 4 three times, 3 -> 5 once (ties by id)
 
 
-def prior_model(lags=2, size=3, vocab=12, **overrides):
+def prior_model(lags=2, size=3, vocab=12, reverse=False, **overrides):
     model = make_model(
         vocab_size=vocab, transition_prior_lags=lags, transition_prior_size=size, transition_prior_weight=0.8,
-        **overrides,
+        transition_prior_reverse=reverse, **overrides,
     )  # fmt: skip
-    model.transition_prior.set_prior(*build_transition_prior(HISTORIES, vocab, 2, lags, size))
+    model.transition_prior.set_prior(*build_transition_prior(HISTORIES, vocab, 2, lags, size, reverse=reverse))
     with torch.no_grad():
-        model.transition_prior.weight.copy_(torch.tensor([0.8, -0.4][:lags]))
+        model.transition_prior.weight.copy_(torch.tensor([0.8, -0.4][:lags] + [0.6] * reverse))
     return model
 
 
 def dense_prior(model, ids, mask, targets=None):
-    """(B, T, V) prior scores by a direct loop: sum over lags of w_k * log(1 + count), count - 1 at the target."""
+    """(B, T, V) prior scores by a direct loop: sum over lags of w_k * log(1 + count), count - 1 at the target;
+    with the reverse table, + w * log(1 + count of "j, then the current event") (nothing left out)."""
     prior = model.transition_prior
-    lags, vocab = prior.index.shape[0], model.config.vocab_size
+    lags, vocab = model.config.transition_prior_lags, model.config.vocab_size
+    reverse = model.config.transition_prior_reverse
     out = torch.zeros(ids.shape[0], ids.shape[1], vocab)
     for b in range(ids.shape[0]):
         for t in range(ids.shape[1]):
-            for lag in range(lags):
-                if t - lag < 0 or not mask[b, t - lag]:
+            for table in range(lags + reverse):
+                back = table if table < lags else 0  # the reverse table reads the current event
+                if t - back < 0 or not mask[b, t - back]:
                     continue
-                source = int(ids[b, t - lag])
-                for j, v in zip(prior.index[lag, source].tolist(), prior.value[lag, source].tolist()):
+                source = int(ids[b, t - back])
+                for j, v in zip(prior.index[table, source].tolist(), prior.value[table, source].tolist()):
                     if v == 0:
                         continue
-                    if targets is not None and j == targets[b, t]:
+                    if targets is not None and j == targets[b, t] and table < lags:
                         v = math.log1p(max(math.expm1(v) - 1, 0.0))
-                    out[b, t, j] += prior.weight[lag].item() * v
+                    out[b, t, j] += prior.weight[table].item() * v
     return out
 
 
@@ -70,8 +73,25 @@ IDS = torch.tensor([[0, 0, 2, 3, 4], [3, 4, 6, 2, 3], [0, 7, 3, 4, 8]])
 MASK = (IDS != 0).long()
 
 
-def test_logits_add_the_prior_of_each_position():
-    model = prior_model()
+def test_reverse_table_holds_the_most_frequent_predecessors():
+    index, value = build_transition_prior(HISTORIES, vocab_size=12, num_special=2, lags=2, size=2, reverse=True)
+    forward = build_transition_prior(HISTORIES, vocab_size=12, num_special=2, lags=2, size=2)
+    assert index.shape == value.shape == (3, 12, 2)
+    assert torch.equal(index[:2], forward[0]) and torch.equal(value[:2], forward[1])  # the lags are unchanged
+    counts = direct_counts(HISTORIES, 1)
+    for item in range(12):
+        predecessors = sorted(((-n, a) for (a, b), n in counts.items() if b == item))[:2]
+        assert index[2, item].tolist() == [a for _, a in predecessors] + [0] * (2 - len(predecessors)), item
+        want_values = [math.log1p(-n) for n, _ in predecessors] + [0.0] * (2 - len(predecessors))
+        torch.testing.assert_close(value[2, item], torch.tensor(want_values))
+    assert index[2, 4].tolist() == [3, 0]  # 4 comes after 3 only (three times)
+    with pytest.raises(ValueError, match="transition_prior_reverse needs transition_prior_lags"):
+        make_model(transition_prior_reverse=True)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_logits_add_the_prior_of_each_position(reverse):
+    model = prior_model(reverse=reverse)
     hidden = model.model(input_ids=IDS, attention_mask=MASK).last_hidden_state
     expected = hidden @ model.item_head.weight.t() + dense_prior(model, IDS, MASK)
     torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, expected)
@@ -117,6 +137,21 @@ def test_training_loss_leaves_the_predicted_transition_out(one_target_per_row):
     torch.testing.assert_close(grad, reference_weight.grad)
 
 
+def test_joint_loss_with_the_reverse_table_leaves_only_forward_counts_out():
+    model = prior_model(reverse=True, transition_prior_in_loss=True)
+    ids = torch.cat([IDS, torch.tensor([[0, 2, 4, 3, 5]])])  # 4 -> 3: 3 is 4's predecessor in HISTORIES
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = hidden @ model.item_head.weight.t() + dense_prior(model, ids, mask, targets)
+    logits[..., :2] = float("-inf")
+    keep = (targets >= 2) & mask.bool()
+    torch.testing.assert_close(
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss, F.cross_entropy(logits[keep], targets[keep])
+    )
+
+
 def test_by_default_the_network_trains_alone():
     model = prior_model()
     labels = IDS.masked_fill(MASK == 0, -100)
@@ -146,9 +181,9 @@ def test_calibration_picks_the_best_weights_on_held_out_rows(tokenizer):
         calibrate_transition_prior(make_model(), rows, tokenizer)
 
 
-@pytest.mark.parametrize("chunk_size", [4, 65536])
-def test_recommend_and_the_export_rank_with_the_prior(chunk_size):
-    model = prior_model()
+@pytest.mark.parametrize("chunk_size,reverse", [(4, False), (65536, False), (4, True)])
+def test_recommend_and_the_export_rank_with_the_prior(chunk_size, reverse):
+    model = prior_model(reverse=reverse)
     hidden = model.model(input_ids=IDS, attention_mask=MASK).last_hidden_state[:, -1]
     brute = hidden @ model.item_head.weight.t() + dense_prior(model, IDS, MASK)[:, -1]
     brute[:, :2] = float("-inf")
@@ -162,8 +197,9 @@ def test_recommend_and_the_export_rank_with_the_prior(chunk_size):
     torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
 
 
-def test_prior_round_trips_and_ignores_items_added_later(tmp_path):
-    model = prior_model()
+@pytest.mark.parametrize("reverse", [False, True])
+def test_prior_round_trips_and_ignores_items_added_later(tmp_path, reverse):
+    model = prior_model(reverse=reverse)
     model.save_pretrained(tmp_path)
     loaded = SeqRecForNextItemPrediction.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
@@ -173,20 +209,26 @@ def test_prior_round_trips_and_ignores_items_added_later(tmp_path):
         make_model(transition_prior_lags=1, loss_type="gbce")
 
 
-def test_training_counts_the_train_split_and_learns_the_weights(tmp_path):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_training_counts_the_train_split_and_learns_the_weights(tmp_path, reverse):
     overrides = TINY + ["max_steps=15", "eval_every_steps=15", "transition_prior_lags=2", "transition_prior_size=8"]
+    overrides += [f"transition_prior_reverse={str(reverse).lower()}"]
     train(load_recipe(None, dict(parse_overrides(overrides), output_dir=str(tmp_path))))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["transition_prior_lags"] == 2 and config["transition_prior_size"] == 8
+    assert config["transition_prior_reverse"] is reverse
     model = SeqRecForNextItemPrediction.from_pretrained(tmp_path)
     assert model.transition_prior.value.sum() > 0
+    assert model.transition_prior.index.shape[0] == 2 + reverse
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     fitted = metrics["transition_prior_calibration"]["weights"]
+    assert len(fitted) == 2 + reverse
     assert model.transition_prior.weight.tolist() == fitted  # the saved model carries the fitted weights
     assert metrics["validation"]["NDCG@10"] == pytest.approx(metrics["transition_prior_calibration"]["metric"])
     assert "NDCG@10" in metrics["test_network_only"] and "NDCG@10" in metrics["validation_at_selection"]
     card = (tmp_path / "README.md").read_text()
     assert "transition prior over the last 2 events" in card and str(fitted) in card
+    assert ("predecessors" in card) is reverse
 
 
 def test_joint_training_learns_the_weights(tmp_path):
