@@ -105,6 +105,36 @@ def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64, reverse: bool 
     }
 
 
+def prior_scales(run_dir: str | Path, scales: list[float]) -> dict[float, dict]:
+    """Score a run trained with a stacked prior with its fitted weights times each scale, on both the shifted
+    validation and test: does the weight that is best on validation stay best one step later?"""
+    from seqrec_hf import SeqRecForNextItemPrediction
+    from seqrec_hf.evaluation import evaluate, model_score_fn
+
+    recipe, splits, tokenizer = _recipe_and_splits(run_dir)
+    calibration = json.loads((Path(run_dir) / "metrics.json").read_text()).get("transition_prior_calibration")
+    if not calibration:
+        raise ValueError(f"{run_dir}: no fitted prior weights in metrics.json (was it trained with a prior?)")
+    fitted = torch.tensor(calibration["weights"])
+    model = SeqRecForNextItemPrediction.from_pretrained(Path(run_dir) / "best_model").eval()
+    results = {}
+    for scale in scales:
+        with torch.no_grad():
+            model.transition_prior.weight.copy_(fitted * scale)
+        scores = {
+            split: evaluate(model_score_fn(model), splits[split], tokenizer, max_length=recipe.max_length)
+            for split in ("validation", "test")
+        }
+        results[scale] = {
+            "validation": scores["validation"]["NDCG@10"],
+            "test": scores["test"]["NDCG@10"],
+            "test_HR@10": scores["test"]["HR@10"],
+            "weights": [round(float(w), 4) for w in fitted * scale],
+            "scale": scale,
+        }
+    return results
+
+
 def ensemble(run_dirs: list[str]) -> dict:
     """Mean log-probabilities of the best models of several runs (same shifted split)."""
     from seqrec_hf import SeqRecForNextItemPrediction
@@ -146,6 +176,8 @@ def render(results: dict) -> str:
         r = e["result"]
         epoch = f"{r['epoch']} ({r['epochs_run']})" if "epoch" in r else "-"
         note = f"prior weights {r['weights']} (fitted on validation)" if "weights" in r else ""
+        if "scale" in r:
+            note = f"prior weights {r['weights']} (the fitted ones x {r['scale']})"
         if "network_only_test" in r:
             note += f"; the network alone: shifted test {r['network_only_test']:.4f}"
         lines.append(f"| {key} | {epoch} | {r['validation']:.4f} | {r['test']:.4f} | {r['test_HR@10']:.4f} | {note} |")
@@ -162,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--posthoc-prior", nargs=2, action="append", default=[], metavar=("NAME=DIR", "COMMAND"))
     parser.add_argument("--lags", type=int, default=2, help="lags of the post-hoc prior")
     parser.add_argument("--reverse", action="store_true", help="add the reverse table (transition_prior_reverse)")
+    parser.add_argument(
+        "--prior-scales", nargs=2, metavar=("NAME=DIR", "COMMAND"),
+        help="a run trained with a stacked prior, scored with its fitted weights times each --scales value",
+    )  # fmt: skip
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--ensemble", nargs="+", metavar=("NAME", "DIR"), help="a name, then two or more runs")
     args = parser.parse_args(argv)
     commit = git_commit()
@@ -175,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd = f"python benchmarks/shifted.py --posthoc-prior {spec} {flags} (on the run made by: {command})"
         result = posthoc_prior(run, args.lags, reverse=args.reverse)
         entries[name] = {"result": result, "command": cmd, "commit": commit}
+    if args.prior_scales:
+        (spec, command), scales = args.prior_scales, args.scales
+        name, run = spec.split("=", 1)
+        cmd = f"python benchmarks/shifted.py --prior-scales {spec} --scales {' '.join(map(str, scales))}"
+        for scale, result in prior_scales(run, scales).items():
+            entries[f"{name} x{scale}"] = {"result": result, "command": f"{cmd} (on the run made by: {command})",
+                                           "commit": commit}  # fmt: skip
     if args.ensemble:
         name, runs = args.ensemble[0], args.ensemble[1:]
         if len(runs) < 2:
@@ -182,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = "python benchmarks/shifted.py --ensemble " + " ".join(args.ensemble)
         entries[name] = {"result": ensemble(runs), "command": cmd, "commit": commit}
     if not entries:
-        parser.error("nothing to do: give --collect, --posthoc-prior or --ensemble")
+        parser.error("nothing to do: give --collect, --posthoc-prior, --prior-scales or --ensemble")
     merge_results(RESULTS / "shifted.json", entries, render)
     for name, e in entries.items():
         print(name, json.dumps(e["result"]))

@@ -156,13 +156,14 @@ def test_shifted_script_tabulates_runs_and_stacks_a_prior(recipe, results_dir, t
 
     monkeypatch.setattr(shifted, "RESULTS", results_dir)
     runs = {}
-    for name, extra in (("a", []), ("b", ["seed=5"])):
+    for name, extra in (("a", []), ("b", ["seed=5", "transition_prior_lags=1"])):
         overrides = parse_overrides(TINY + ["max_steps=12", "eval_every_steps=4", "drop_last_events=1"] + extra)
         overrides.update(log_test_metrics=True, output_dir=str(tmp_path / name))
         train(load_recipe(None, overrides))
         runs[name] = str(tmp_path / name)
     argv = ["--collect", f"a={runs['a']}", "train a", "--posthoc-prior", f"a+prior={runs['a']}", "train a",
-            "--lags", "1", "--ensemble", "ab", runs["a"], runs["b"]]  # fmt: skip
+            "--lags", "1", "--ensemble", "ab", runs["a"], runs["b"],
+            "--prior-scales", f"b={runs['b']}", "train b", "--scales", "0", "1"]  # fmt: skip
     assert shifted.main(argv) == 0
     results = json.loads((results_dir / "shifted.json").read_text())
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
@@ -175,6 +176,12 @@ def test_shifted_script_tabulates_runs_and_stacks_a_prior(recipe, results_dir, t
     assert len(stacked["weights"]) == 1
     assert 0 <= results["ab"]["result"]["test"] <= 1
     assert "| a+prior |" in (results_dir / "shifted.md").read_text()
+    metrics_b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    fitted = results["b x1.0"]["result"]  # the fitted weights as they are: the calibration's own validation
+    assert fitted["validation"] == pytest.approx(metrics_b["transition_prior_calibration"]["metric"])
+    assert fitted["weights"] == metrics_b["transition_prior_calibration"]["weights"]
+    assert results["b x0.0"]["result"]["weights"] == [0.0]
+    assert results["b x0.0"]["result"]["test"] == pytest.approx(metrics_b["test_network_only"]["NDCG@10"])
     real = tmp_path / "real"
     train(load_recipe(None, dict(parse_overrides(TINY + ["max_steps=4", "eval_every_steps=4"]), output_dir=str(real))))
     with pytest.raises(ValueError, match="test curve"):
