@@ -12,6 +12,9 @@ carries one step past the data it was selected on, which is what the real test a
     # add a stacked transition prior to a finished run's best model, fitted on the shifted validation
     python benchmarks/shifted.py --posthoc-prior ema+prior2=outputs/research/s1-ema998 --lags 2
 
+    # a run trained with a stacked prior, scored with its fitted weights times each scale
+    python benchmarks/shifted.py --prior-scales recipe=outputs/research/s1-recipe "training/train.py ..." --scales 0 1 2
+
     # average the log-probabilities of several finished runs (an ensemble, for reference only)
     python benchmarks/shifted.py --ensemble ens3 outputs/research/s1-base outputs/research/s1-ema998 ...
 
