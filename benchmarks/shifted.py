@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", nargs=2, action="append", default=[], metavar=("NAME=DIR", "COMMAND"))
     parser.add_argument("--posthoc-prior", nargs=2, action="append", default=[], metavar=("NAME=DIR", "COMMAND"))
     parser.add_argument("--lags", type=int, default=2, help="lags of the post-hoc prior")
+    parser.add_argument("--size", type=int, default=64, help="successors kept per item and lag (post-hoc prior)")
     parser.add_argument("--reverse", action="store_true", help="add the reverse table (transition_prior_reverse)")
     parser.add_argument(
         "--prior-scales", nargs=2, metavar=("NAME=DIR", "COMMAND"),
@@ -211,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         entries[name] = {"result": selected_epoch(run), "command": command, "commit": commit}
     for spec, command in args.posthoc_prior:
         name, run = spec.split("=", 1)
-        flags = f"--lags {args.lags}" + (" --reverse" if args.reverse else "")
+        flags = f"--lags {args.lags} --size {args.size}" + (" --reverse" if args.reverse else "")
         cmd = f"python benchmarks/shifted.py --posthoc-prior {spec} {flags} (on the run made by: {command})"
-        result = posthoc_prior(run, args.lags, reverse=args.reverse)
+        result = posthoc_prior(run, args.lags, size=args.size, reverse=args.reverse)
         entries[name] = {"result": result, "command": cmd, "commit": commit}
     if args.prior_scales:
         (spec, command), scales = args.prior_scales, args.scales
