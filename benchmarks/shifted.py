@@ -24,6 +24,7 @@ Results are merged into benchmarks/results/shifted.json and shifted.md is rewrit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -82,21 +83,16 @@ def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64, reverse: bool 
     the shifted validation, then score the shifted test (in fp32, as training's own evaluation)."""
     from seqrec_hf import SeqRecForNextItemPrediction
     from seqrec_hf.evaluation import calibrate_transition_prior, evaluate, model_score_fn
-    from seqrec_hf.modeling_seqrec import build_transition_prior
+    from seqrec_hf.train import build_model
 
     recipe, splits, tokenizer = _recipe_and_splits(run_dir)
     trained = SeqRecForNextItemPrediction.from_pretrained(Path(run_dir) / "best_model")
-    config = trained.config
-    config.transition_prior_lags, config.transition_prior_size = lags, size
-    config.transition_prior_reverse = reverse
-    config.transition_prior_vocab_size = len(tokenizer)
-    model = SeqRecForNextItemPrediction(config)
+    with_prior = dataclasses.replace(
+        recipe, transition_prior_lags=lags, transition_prior_size=size, transition_prior_reverse=reverse
+    )
+    model = build_model(with_prior, tokenizer, splits["train"])  # the prior counted as training counts it
     weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("transition_prior.")}
-    model.load_state_dict(weights, strict=False)  # the network; the prior is new
-    histories = [tokenizer.convert_items_to_ids(items) for items in splits["train"]["item_ids"]]
-    special = tokenizer.num_special_tokens
-    tables = build_transition_prior(histories, len(tokenizer), special, lags, size, reverse=reverse)
-    model.transition_prior.set_prior(*tables)
+    model.load_state_dict(weights, strict=False)  # the trained network; the prior is new
     model.eval()
     fit = calibrate_transition_prior(model, splits["validation"], tokenizer, max_length=recipe.max_length)
     test = evaluate(model_score_fn(model), splits["test"], tokenizer, max_length=recipe.max_length)
@@ -178,9 +174,12 @@ def render(results: dict) -> str:
     for key, e in results.items():
         r = e["result"]
         epoch = f"{r['epoch']} ({r['epochs_run']})" if "epoch" in r else "-"
-        note = f"prior weights {r['weights']} (fitted on validation)" if "weights" in r else ""
         if "scale" in r:
             note = f"prior weights {r['weights']} (the fitted ones x {r['scale']})"
+        elif "weights" in r:
+            note = f"prior weights {r['weights']} (fitted on validation)"
+        else:
+            note = ""
         if "network_only_test" in r:
             note += f"; the network alone: shifted test {r['network_only_test']:.4f}"
         lines.append(f"| {key} | {epoch} | {r['validation']:.4f} | {r['test']:.4f} | {r['test_HR@10']:.4f} | {note} |")

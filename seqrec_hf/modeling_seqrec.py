@@ -318,10 +318,9 @@ class SeqRecTransitionPrior(nn.Module):
         super().__init__()
         lags, size = config.transition_prior_lags, config.transition_prior_size
         items = config.transition_prior_vocab_size or config.vocab_size  # fixed at training: resizing keeps it
-        # table t reads the event shifts[t] steps back: the forward lags, then the reverse table at the current event
-        self.shifts = list(range(lags)) + ([0] if config.transition_prior_reverse else [])
-        self.context = lags  # events a position's tables read (itself and lags - 1 before it)
-        tables = len(self.shifts)
+        # tables 0..lags-1 read the event `table` steps back; the reverse table (last, optional) the current one
+        self.lags = lags  # also the events a position's tables read: itself and lags - 1 before it
+        tables = lags + int(config.transition_prior_reverse)
         self.register_buffer("index", torch.zeros(tables, items, size, dtype=torch.int32))
         self.register_buffer("value", torch.zeros(tables, items, size))
         self.weight = nn.Parameter(torch.full((tables,), float(config.transition_prior_weight)))
@@ -355,11 +354,13 @@ class SeqRecTransitionPrior(nn.Module):
         known = self.index.shape[1]  # items added after training have no counts: row 0 ([PAD]) is empty
         ids = torch.where(attention_mask.bool() & (input_ids < known), input_ids, 0)
         indices, values = [], []
-        for lag, shift in enumerate(self.shifts):
+        for lag in range(self.index.shape[0]):
+            forward = lag < self.lags
+            shift = lag if forward else 0
             source = F.pad(ids, (shift, 0))[:, : ids.shape[1]]  # the event `shift` steps before each position
             index = self.index[lag][source].long()  # (B, T, size)
             value = self.value[lag][source].float()  # fp32 in a bf16 model too: log-counts need the precision
-            if targets is not None and lag < self.context:  # leave-one-out: this (source -> target) is not evidence
+            if targets is not None and forward:  # leave-one-out: this (source -> target) is not evidence
                 hit = index == targets[..., None]
                 value = torch.where(hit, torch.log1p((torch.expm1(value) - 1.0).clamp(min=0.0)), value)
             indices.append(index)
@@ -376,24 +377,29 @@ def build_transition_prior(
     scored) with value 0."""
     index = torch.zeros(lags + int(reverse), vocab_size, size, dtype=torch.int32)
     value = torch.zeros(lags + int(reverse), vocab_size, size)
-    for lag in range(lags + int(reverse)):
-        step = lag + 1 if lag < lags else 1
-        pairs = [(a, b) for ids in histories for a, b in zip(ids, ids[step:]) if min(a, b) >= num_special]
-        if lag == lags:  # the reverse table: keyed by the later event
-            pairs = [(b, a) for a, b in pairs]
-        if not pairs:
-            continue
-        both = torch.tensor(pairs, dtype=torch.long)
-        keys, counts = (both[:, 0] * vocab_size + both[:, 1]).unique(return_counts=True)
-        order = torch.argsort(-counts, stable=True)  # most frequent first, ties by id (keys are sorted)
-        order = order[torch.argsort(keys[order] // vocab_size, stable=True)]  # grouped by source
-        keys, counts = keys[order], counts[order]
-        source, target = keys // vocab_size, keys % vocab_size
-        rank = torch.arange(len(keys)) - torch.searchsorted(source, source)  # position among the source's successors
-        kept = rank < size
-        index[lag, source[kept], rank[kept]] = target[kept].int()
-        value[lag, source[kept], rank[kept]] = torch.log1p(counts[kept].float())
+    for lag in range(lags):
+        pairs = [(a, b) for ids in histories for a, b in zip(ids, ids[lag + 1 :]) if min(a, b) >= num_special]
+        _fill_top_successors(index[lag], value[lag], pairs, vocab_size, size)
+        if lag == 0 and reverse:  # the last table: the direct pairs keyed by the later event
+            _fill_top_successors(index[-1], value[-1], [(b, a) for a, b in pairs], vocab_size, size)
     return index, value
+
+
+def _fill_top_successors(index: torch.Tensor, value: torch.Tensor, pairs: list, vocab_size: int, size: int) -> None:
+    """Write each source's `size` most frequent targets among `pairs` (source, target) and their log(1 + count)
+    into one table, `index` and `value` each (vocab_size, size)."""
+    if not pairs:
+        return
+    both = torch.tensor(pairs, dtype=torch.long)
+    keys, counts = (both[:, 0] * vocab_size + both[:, 1]).unique(return_counts=True)
+    order = torch.argsort(-counts, stable=True)  # most frequent first, ties by id (keys are sorted)
+    order = order[torch.argsort(keys[order] // vocab_size, stable=True)]  # grouped by source
+    keys, counts = keys[order], counts[order]
+    source, target = keys // vocab_size, keys % vocab_size
+    rank = torch.arange(len(keys)) - torch.searchsorted(source, source)  # position among the source's successors
+    kept = rank < size
+    index[source[kept], rank[kept]] = target[kept].int()
+    value[source[kept], rank[kept]] = torch.log1p(counts[kept].float())
 
 
 class SeqRecBlock(nn.Module):
@@ -1132,7 +1138,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             logits = kept @ output_weight.t()
             if self.transition_prior is not None:  # the serving-time prior (nothing left out), in fp32 as in
                 keep = kept.shape[1]  # recommend() and the export; only the kept positions and their sources
-                span = keep + self.transition_prior.context - 1
+                span = keep + self.transition_prior.lags - 1
                 index, value = self.transition_prior(input_ids[:, -span:], attention_mask[:, -span:])
                 logits = logits.float().scatter_add(-1, index[:, -keep:], value[:, -keep:])
         return NextItemPredictionOutput(
@@ -1180,8 +1186,8 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         prior = None
         if self.transition_prior is not None:
             index, value = self.transition_prior(
-                input_ids[:, -self.transition_prior.context :],
-                attention_mask[:, -self.transition_prior.context :],
+                input_ids[:, -self.transition_prior.lags :],
+                attention_mask[:, -self.transition_prior.lags :],
             )
             prior = index[:, -1], value[:, -1].float()  # (B, lags * size) of the last position
         vocab_size, device = weight.shape[0], weight.device
