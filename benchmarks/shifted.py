@@ -11,6 +11,7 @@ carries one step past the data it was selected on, which is what the real test a
 
     # add a stacked transition prior to a finished run's best model, fitted on the shifted validation
     python benchmarks/shifted.py --posthoc-prior ema+prior2=outputs/research/s1-ema998 --lags 2
+    python benchmarks/shifted.py --posthoc-prior recipe+recent3=outputs/research/s1-recipe --lags 2 --recent 3
 
     # a run trained with a stacked prior, scored with its fitted weights times each scale
     python benchmarks/shifted.py --prior-scales recipe=outputs/research/s1-recipe "training/train.py ..." --scales 0 1 2
@@ -78,7 +79,7 @@ def _recipe_and_splits(run_dir: str | Path):
     return recipe, splits, tokenizer
 
 
-def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64, reverse: bool = False) -> dict:
+def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64, reverse: bool = False, recent: int = 0) -> dict:
     """Stack a transition prior (counted on the run's train split) on its best model, fit the weights on
     the shifted validation, then score the shifted test (in fp32, as training's own evaluation)."""
     from seqrec_hf import SeqRecForNextItemPrediction
@@ -88,8 +89,9 @@ def posthoc_prior(run_dir: str | Path, lags: int, size: int = 64, reverse: bool 
     recipe, splits, tokenizer = _recipe_and_splits(run_dir)
     trained = SeqRecForNextItemPrediction.from_pretrained(Path(run_dir) / "best_model")
     with_prior = dataclasses.replace(
-        recipe, transition_prior_lags=lags, transition_prior_size=size, transition_prior_reverse=reverse
-    )
+        recipe, transition_prior_lags=lags, transition_prior_size=size, transition_prior_reverse=reverse,
+        transition_prior_recent_window=recent,
+    )  # fmt: skip
     model = build_model(with_prior, tokenizer, splits["train"])  # the prior counted as training counts it
     weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("transition_prior.")}
     model.load_state_dict(weights, strict=False)  # the trained network; the prior is new
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lags", type=int, default=2, help="lags of the post-hoc prior")
     parser.add_argument("--size", type=int, default=64, help="successors kept per item and lag (post-hoc prior)")
     parser.add_argument("--reverse", action="store_true", help="add the reverse table (transition_prior_reverse)")
+    parser.add_argument("--recent", type=int, default=0, help="transition_prior_recent_window of the post-hoc prior")
     parser.add_argument(
         "--prior-scales", nargs=2, metavar=("NAME=DIR", "COMMAND"),
         help="a run trained with a stacked prior, scored with its fitted weights times each --scales value",
@@ -212,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec, command in args.posthoc_prior:
         name, run = spec.split("=", 1)
         flags = f"--lags {args.lags} --size {args.size}" + (" --reverse" if args.reverse else "")
+        flags += f" --recent {args.recent}" if args.recent else ""
         cmd = f"python benchmarks/shifted.py --posthoc-prior {spec} {flags} (on the run made by: {command})"
-        result = posthoc_prior(run, args.lags, size=args.size, reverse=args.reverse)
+        result = posthoc_prior(run, args.lags, size=args.size, reverse=args.reverse, recent=args.recent)
         entries[name] = {"result": result, "command": cmd, "commit": commit}
     if args.prior_scales:
         (spec, command), scales = args.prior_scales, args.scales

@@ -73,6 +73,11 @@ class SeqRecConfig(PreTrainedConfig):
             over the training histories, the items bought just *before* i. Purchase orders within a basket are
             arbitrary, so "j came before i" is evidence for j next too (the counts of the forward tables only
             see one direction). Its weight is the last of the lag weights.
+        transition_prior_recent_window: Add w * log(1 + n(j)) to every item's score, n(j) the times j is among
+            the last `window` events of a training history (0: off): what users bought most recently, a
+            trend signal for data without timestamps (the next events go to newer items than the average
+            training event). Its weight comes after the tables' and starts at 0, so training (and early
+            stopping) is unchanged until calibration fits it on validation. Needs transition_prior_lags >= 1.
         transition_prior_weight: Initial weight w_k of every lag (training calibrates them on validation).
         transition_prior_in_loss: Train the network together with the prior (w_k learned in the loss, the
             count of the predicted transition left out) instead of alone, with w_k fitted afterwards.
@@ -149,6 +154,7 @@ class SeqRecConfig(PreTrainedConfig):
     transition_prior_lags: int = 0
     transition_prior_size: int = 64
     transition_prior_reverse: bool = False
+    transition_prior_recent_window: int = 0
     transition_prior_weight: float = 1.0
     transition_prior_in_loss: bool = False
     transition_prior_vocab_size: int = 0
@@ -226,7 +232,13 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.filter_mix must be a number in [0, 1], got {mix!r}")
         if not _is_int(self.filter_window) or self.filter_window < 0:
             raise ValueError(f"SeqRecConfig.filter_window must be a non-negative integer, got {self.filter_window!r}")
-        for name in ("item_graph_layers", "item_graph_edges", "transition_prior_lags", "transition_prior_vocab_size"):
+        for name in (
+            "item_graph_layers",
+            "item_graph_edges",
+            "transition_prior_lags",
+            "transition_prior_vocab_size",
+            "transition_prior_recent_window",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"SeqRecConfig.{name} must be a non-negative integer, got {value!r}")
@@ -244,6 +256,13 @@ class SeqRecConfig(PreTrainedConfig):
             )
         if self.transition_prior_reverse and not self.transition_prior_lags:
             raise ValueError("SeqRecConfig.transition_prior_reverse needs transition_prior_lags >= 1")
+        if self.transition_prior_recent_window and not self.transition_prior_lags:
+            raise ValueError("SeqRecConfig.transition_prior_recent_window needs transition_prior_lags >= 1")
+        if self.transition_prior_recent_window and self.transition_prior_in_loss:
+            raise ValueError(
+                "SeqRecConfig.transition_prior_recent_window is a stacked term (fitted on validation): it cannot be"
+                " combined with transition_prior_in_loss"
+            )
         if self.transition_prior_lags and self.loss_type != "full_ce":
             raise ValueError("SeqRecConfig.transition_prior_lags is implemented for loss_type='full_ce' only")
         if not _is_number(self.item_graph_gain):

@@ -284,8 +284,9 @@ def calibrate_transition_prior(
     metric: str = "NDCG@10",
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit the transition prior's lag weights on held-out rows (the validation split): coordinate ascent of
-    `metric` over `grid`, one lag at a time, `rounds` times; the weights are set on the model.
+    """Fit the transition prior's weights (one per table, then the recent-popularity one) on held-out rows
+    (the validation split): coordinate ascent of `metric` over `grid`, one weight at a time, `rounds` times;
+    the weights are set on the model.
 
     Stacking: the network trained alone is over-confident on its own training data, so the mixing weights
     are chosen where it is not. The network's part of the scores is computed once and cached per batch
@@ -297,9 +298,10 @@ def calibrate_transition_prior(
         raise ValueError("the model has no transition prior (config.transition_prior_lags = 0)")
     model.eval()
     device = next(model.parameters()).device
-    lags, size = prior.index.shape[0], prior.index.shape[2]
+    tables, size = prior.index.shape[0], prior.index.shape[2]
     cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     table = model.score_table(model.model.item_table(model.item_head.weight)).float()
+    recent = prior.dense(table.shape[0], weighted=False)  # raw recent-popularity log-counts (or None)
 
     def network_part(batch):
         inputs = {key: value.to(device) for key, value in batch.items()}
@@ -311,15 +313,16 @@ def calibrate_transition_prior(
         # `evaluate` visits the rows in the same order on every call (sorted by length, then in batches), so
         # the i-th call of any grid point sees the i-th batch: the cache is keyed by that index.
         calls = iter(range(10**12))
-        per_entry = weights.to(device).repeat_interleave(size)  # (lags * size,)
+        weights = weights.to(device)
+        per_entry = weights[:tables].repeat_interleave(size)  # (tables * size,)
 
         def score(batch):
             i = next(calls)
             if i == len(cache):
                 cache.append(network_part(batch))
             users, index, value = cache[i]
-            scores = (users @ table.t()).float()
-            return scores.scatter_add(1, index, value * per_entry)
+            scores = (users @ table.t()).float().scatter_add(1, index, value * per_entry)
+            return scores if recent is None else scores + weights[tables] * recent
 
         return score
 
@@ -335,9 +338,9 @@ def calibrate_transition_prior(
 
     best = prior.weight.detach().float().cpu().clone()
     best_value = run(best)
-    progress = tqdm(total=rounds * lags * len(grid), desc="calibrating the prior", disable=not show_progress)
+    progress = tqdm(total=rounds * best.numel() * len(grid), desc="calibrating the prior", disable=not show_progress)
     for _ in range(rounds):
-        for lag in range(lags):
+        for lag in range(best.numel()):  # each table's weight, then the recent-popularity weight if any
             for candidate in grid:
                 progress.update(1)
                 trial = best.clone()

@@ -81,10 +81,11 @@ class SeqRecServingModule(nn.Module):
         vocab_size = weight.shape[0]
         first = self.model.config.num_special_tokens
         history = input_ids.masked_fill(attention_mask == 0, -1)  # (B, T); padding never matches an item
-        prior = None
+        prior = dense = None
         if self.model.transition_prior is not None:
             index, value = self.model.transition_prior(input_ids, attention_mask)
             prior = index[:, -1], value[:, -1].float()
+            dense = self.model.transition_prior.dense(vocab_size)
         best_scores = best_ids = None
         for start in range(first, vocab_size, self.chunk_size):  # a static loop: unrolled in the program
             end = min(start + self.chunk_size, vocab_size)
@@ -95,6 +96,8 @@ class SeqRecServingModule(nn.Module):
                 inside = (local >= 0) & (local < width)
                 spare = F.pad(scores, (0, 1)).scatter_add(1, torch.where(inside, local, width), prior[1] * inside)
                 scores = spare[:, :width]
+            if dense is not None:  # recent popularity: the same for every user
+                scores = scores + dense[start:end]
             if self.exclude_history:
                 local = history - start
                 local = torch.where((local >= 0) & (local < width), local, width)  # out of chunk -> spare column

@@ -256,9 +256,15 @@ def render_model_card(
         fitted = calibration.get("weights")
         how = f"weights {fitted} fitted on validation" if fitted else "learned weights"
         reverse = " and the current event's predecessors" if setting("transition_prior_reverse") else ""
+        window = setting("transition_prior_recent_window")
+        recent = (
+            f" and recent popularity (each training history's last {window} events)"
+            if isinstance(window, int) and window > 0
+            else ""
+        )
         architecture += (
-            f", plus a count-based transition prior over the last {lags} events{reverse} ({how}; counted on the"
-            " training split)"
+            f", plus a count-based transition prior over the last {lags} events{reverse}{recent} ({how}; counted"
+            " on the training split)"
         )
     if recipe.get("ema_decay"):
         architecture += f"; the weights are an exponential moving average (decay {recipe['ema_decay']})"
@@ -282,6 +288,7 @@ def render_model_card(
         "transition_prior_lags",
         "transition_prior_size",
         "transition_prior_reverse",
+        "transition_prior_recent_window",
         "score_norm",
         "use_time_bias",
         "use_time_gap_embedding",

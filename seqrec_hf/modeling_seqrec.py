@@ -311,6 +311,8 @@ class SeqRecTransitionPrior(nn.Module):
     `config.transition_prior_in_loss` the prior is in the training loss instead and w_k are learned there;
     the count of the very transition being predicted is then left out (n - 1 at the target), so the prior is
     as informative in training as at serving time, where the next event was never counted.
+    With `config.transition_prior_recent_window` one dense term more, the same for every user:
+    w_pop * log(1 + n(j)), n(j) the times j is among the last events of a training history (recent popularity).
     The tables are buffers saved with the model.
     """
 
@@ -323,20 +325,48 @@ class SeqRecTransitionPrior(nn.Module):
         tables = lags + int(config.transition_prior_reverse)
         self.register_buffer("index", torch.zeros(tables, items, size, dtype=torch.int32))
         self.register_buffer("value", torch.zeros(tables, items, size))
-        self.weight = nn.Parameter(torch.full((tables,), float(config.transition_prior_weight)))
+        # one weight per table, then (optional) the recent-popularity weight, which starts at 0 (init_weights)
+        self.has_recent = config.transition_prior_recent_window > 0
+        self.register_buffer("recent", torch.zeros(items) if self.has_recent else None)  # None: not saved
+        self.weight = nn.Parameter(self.initial_weights(config))
         # Stacked (the default): the weights never reach the loss. A frozen parameter keeps them out of the
         # optimizer and out of DDP's gradient reduction, which fails on parameters without gradients.
         self.weight.requires_grad_(bool(config.transition_prior_in_loss))
 
-    def set_prior(self, index: torch.Tensor, value: torch.Tensor) -> None:
-        """Load tables from `build_transition_prior`; their shape must be the config's (it sized the buffers)."""
+    @staticmethod
+    def initial_weights(config: SeqRecConfig) -> torch.Tensor:
+        """`transition_prior_weight` for every table, 0 for the recent-popularity term: with it, the scores
+        (and so training and early stopping) are those of the model without it until it is fitted."""
+        tables = config.transition_prior_lags + int(config.transition_prior_reverse)
+        weights = [float(config.transition_prior_weight)] * tables
+        return torch.tensor(weights + [0.0] * int(config.transition_prior_recent_window > 0))
+
+    def set_prior(self, index: torch.Tensor, value: torch.Tensor, recent: torch.Tensor | None = None) -> None:
+        """Load tables from `build_transition_prior` (and, with a recent window, the log-counts of
+        `build_recent_popularity`); their shape must be the config's (it sized the buffers)."""
         if index.shape != self.index.shape or value.shape != self.value.shape:
             raise ValueError(
                 f"the prior tables have shape {tuple(index.shape)} but the config says {tuple(self.index.shape)}"
                 " (transition_prior_lags + transition_prior_reverse, vocab_size, transition_prior_size)"
             )
+        if (recent is not None) != self.has_recent or (recent is not None and recent.shape != self.recent.shape):
+            got = None if recent is None else tuple(recent.shape)
+            raise ValueError(
+                f"recent-popularity log-counts of shape {got} given, but the config says "
+                f"{tuple(self.recent.shape) if self.has_recent else None} (transition_prior_recent_window)"
+            )
         self.index.copy_(index)
         self.value.copy_(value)
+        if recent is not None:
+            self.recent.copy_(recent)
+
+    def dense(self, vocab_size: int, weighted: bool = True) -> torch.Tensor | None:
+        """(vocab_size,) fp32 recent-popularity scores added for every user (None without the term); items
+        beyond the counted vocabulary score 0. `weighted=False`: the raw log-counts."""
+        if not self.has_recent:
+            return None
+        recent = F.pad(self.recent.float(), (0, vocab_size - self.recent.shape[0]))
+        return self.weight[-1].float() * recent if weighted else recent
 
     def forward(
         self,
@@ -383,6 +413,15 @@ def build_transition_prior(
         if lag == 0 and reverse:  # the last table: the direct pairs keyed by the later event
             _fill_top_successors(index[-1], value[-1], [(b, a) for a, b in pairs], vocab_size, size)
     return index, value
+
+
+def build_recent_popularity(histories: list[list[int]], vocab_size: int, num_special: int, window: int) -> torch.Tensor:
+    """(vocab_size,) log(1 + n(j)), n(j) the times item j is among the last `window` events of a history."""
+    counts = torch.zeros(vocab_size)
+    recent = [i for ids in histories for i in ids[-window:] if i >= num_special]
+    if recent:
+        counts += torch.bincount(torch.tensor(recent, dtype=torch.long), minlength=vocab_size).float()
+    return torch.log1p(counts)
 
 
 def _fill_top_successors(index: torch.Tensor, value: torch.Tensor, pairs: list, vocab_size: int, size: int) -> None:
@@ -514,7 +553,7 @@ class SeqRecPreTrainedModel(PreTrainedModel):
         if isinstance(module, SeqRecItemGraph):
             init.constant_(module.gain, float(self.config.item_graph_gain))
         if isinstance(module, SeqRecTransitionPrior):
-            init.constant_(module.weight, float(self.config.transition_prior_weight))
+            init.copy_(module.weight, module.initial_weights(self.config))
 
 
 class SeqRecModel(SeqRecPreTrainedModel):
@@ -1141,6 +1180,9 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 span = keep + self.transition_prior.lags - 1
                 index, value = self.transition_prior(input_ids[:, -span:], attention_mask[:, -span:])
                 logits = logits.float().scatter_add(-1, index[:, -keep:], value[:, -keep:])
+                dense = self.transition_prior.dense(logits.shape[-1])
+                if dense is not None:
+                    logits = logits + dense
         return NextItemPredictionOutput(
             loss=loss,
             logits=logits,
@@ -1191,6 +1233,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             )
             prior = index[:, -1], value[:, -1].float()  # (B, lags * size) of the last position
         vocab_size, device = weight.shape[0], weight.device
+        dense = self.transition_prior.dense(vocab_size) if self.transition_prior is not None else None
         batch = input_ids.shape[0]
         first = self.config.num_special_tokens
         chunk_size = chunk_size or self.config.recommend_chunk_size
@@ -1208,6 +1251,8 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 spare = F.pad(scores, (0, 1))  # out-of-chunk entries land in a spare column
                 spare.scatter_add_(1, torch.where(inside, local, end - start), prior[1] * inside)
                 scores = spare[:, :-1]
+            if dense is not None:
+                scores = scores + dense[start:end]
             if allowed is not None:
                 scores.masked_fill_(~allowed[start:end], float("-inf"))
             if exclude_history:

@@ -48,7 +48,12 @@ from .data import (
     temporal_split,
 )
 from .evaluation import calibrate_transition_prior, evaluate, format_metrics_table, model_score_fn
-from .modeling_seqrec import SeqRecForNextItemPrediction, build_item_graph, build_transition_prior
+from .modeling_seqrec import (
+    SeqRecForNextItemPrediction,
+    build_item_graph,
+    build_recent_popularity,
+    build_transition_prior,
+)
 from .tokenization_seqrec import ItemTokenizer
 
 logger = logging.getLogger(__name__)
@@ -102,6 +107,9 @@ class TrainingRecipe:
     transition_prior_lags: int = field(default=0, metadata={"help": "Count-based transition scores (0: off)."})
     transition_prior_size: int = field(default=64, metadata={"help": "Successors kept per item and lag."})
     transition_prior_reverse: bool = field(default=False, metadata={"help": "Also score each item's predecessors."})
+    transition_prior_recent_window: int = field(
+        default=0, metadata={"help": "Add recent popularity: counts among each history's last N events (0: off)."}
+    )
     transition_prior_weight: float = field(default=1.0, metadata={"help": "Initial weight of each lag."})
     transition_prior_in_loss: bool = field(default=False, metadata={"help": "Train the network with the prior."})
     calibrate_transition_prior: bool = field(
@@ -223,7 +231,9 @@ def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: d
             recipe.transition_prior_size,
             reverse=recipe.transition_prior_reverse,
         )
-        model.transition_prior.set_prior(*prior)
+        window = recipe.transition_prior_recent_window
+        recent = build_recent_popularity(histories, len(tokenizer), special, window) if window > 0 else None
+        model.transition_prior.set_prior(*prior, recent=recent)
         logger.info(
             "transition prior: %d lags, %d kept transitions", recipe.transition_prior_lags, int((prior[1] > 0).sum())
         )

@@ -8,6 +8,7 @@ import statistics
 import sys
 
 import pytest
+import torch
 from conftest import REPO_ROOT, TINY
 from huggingface_hub import ModelCard
 
@@ -204,3 +205,47 @@ def test_refinish_redoes_the_end_of_a_finished_run(tmp_path):
     assert redone["test"] == result["test"]  # same weights, same code: the same numbers again
     assert redone["transition_prior_calibration"]["weights"] == result["transition_prior_calibration"]["weights"]
     assert redone["best_step"] == result["best_step"]
+
+
+def test_refinish_set_adds_recent_popularity_around_the_same_network(tmp_path):
+    import refinish
+
+    from seqrec_hf import SeqRecForNextItemPrediction
+    from seqrec_hf.train import load_recipe, parse_overrides, train
+
+    overrides = parse_overrides(TINY + ["max_steps=8", "eval_every_steps=4", "transition_prior_lags=1"])
+    train(load_recipe(None, dict(overrides, output_dir=str(tmp_path))))
+    before = SeqRecForNextItemPrediction.from_pretrained(tmp_path / "best_model").state_dict()
+    assert refinish.main([str(tmp_path), "--set", "transition_prior_recent_window=2"]) == 0
+    after = SeqRecForNextItemPrediction.from_pretrained(tmp_path).state_dict()
+    for key, value in before.items():
+        if not key.startswith("transition_prior."):
+            assert torch.equal(after[key], value), key  # the network is the one trained
+    assert after["transition_prior.recent"].sum() > 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["recipe"]["transition_prior_recent_window"] == 2
+    assert len(metrics["transition_prior_calibration"]["weights"]) == 2
+    assert "recent popularity" in (tmp_path / "README.md").read_text()
+    with pytest.raises(ValueError, match="changes only the stacked prior"):
+        refinish.refinish(tmp_path, {"hidden_size": 8})
+
+
+def test_recent_popularity_leaves_training_unchanged(tmp_path):
+    """The recent-popularity weight starts at 0: a run with it trains, validates and selects exactly as one
+    without it, so adding it to finished runs with `refinish.py --set` is the same as training with it."""
+    from seqrec_hf import SeqRecForNextItemPrediction
+    from seqrec_hf.train import load_recipe, parse_overrides, train
+
+    logs, models = [], []
+    for window in (0, 2):
+        out = tmp_path / f"w{window}"
+        extra = ["max_steps=8", "eval_every_steps=4", "transition_prior_lags=1"]
+        extra.append(f"transition_prior_recent_window={window}")
+        train(load_recipe(None, dict(parse_overrides(TINY + extra), output_dir=str(out))))
+        rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        logs.append([r["validation"] for r in rows if "validation" in r])
+        models.append(SeqRecForNextItemPrediction.from_pretrained(out / "best_model").state_dict())
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+    for key, value in models[0].items():
+        if key != "transition_prior.weight":
+            assert torch.equal(models[1][key], value), key

@@ -11,7 +11,7 @@ from conftest import TINY, make_model
 
 from seqrec_hf import SeqRecForNextItemPrediction
 from seqrec_hf.export import export_for_serving
-from seqrec_hf.modeling_seqrec import build_transition_prior
+from seqrec_hf.modeling_seqrec import build_recent_popularity, build_transition_prior
 from seqrec_hf.train import load_recipe, parse_overrides, train
 
 HISTORIES = [[2, 3, 4, 5, 3, 4], [3, 4, 6, 2, 3, 5], [7, 3, 4, 8], [1, 9, 9, 2]]  # 1 is [UNK]: never counted
@@ -35,14 +35,18 @@ def test_tables_hold_the_most_frequent_successors_with_log_counts():
     assert index[0, 3].tolist() == [4, 5]  # 3 -> 4 three times, 3 -> 5 once (ties by id)
 
 
-def prior_model(lags=2, size=3, vocab=12, reverse=False, **overrides):
+def prior_model(lags=2, size=3, vocab=12, reverse=False, recent_window=0, **overrides):
     model = make_model(
         vocab_size=vocab, transition_prior_lags=lags, transition_prior_size=size, transition_prior_weight=0.8,
-        transition_prior_reverse=reverse, **overrides,
+        transition_prior_reverse=reverse, transition_prior_recent_window=recent_window, **overrides,
     )  # fmt: skip
-    model.transition_prior.set_prior(*build_transition_prior(HISTORIES, vocab, 2, lags, size, reverse=reverse))
-    with torch.no_grad():
-        model.transition_prior.weight.copy_(torch.tensor([0.8, -0.4][:lags] + [0.6] * reverse))
+    recent = build_recent_popularity(HISTORIES, vocab, 2, recent_window) if recent_window else None
+    tables = build_transition_prior(HISTORIES, vocab, 2, lags, size, reverse=reverse)
+    model.transition_prior.set_prior(*tables, recent=recent)
+    with torch.no_grad():  # the recent-popularity weight stays at its initial 0
+        model.transition_prior.weight.copy_(
+            torch.tensor([0.8, -0.4][:lags] + [0.6] * reverse + [0.0] * bool(recent_window))
+        )
     return model
 
 
@@ -271,3 +275,77 @@ def test_bf16_model_and_autocast_agree_with_recommend():
 def test_stacked_prior_weights_are_frozen_and_kept_out_of_the_optimizer():
     assert not prior_model().transition_prior.weight.requires_grad
     assert prior_model(transition_prior_in_loss=True).transition_prior.weight.requires_grad
+
+
+def test_recent_popularity_counts_the_last_events_of_each_history():
+    recent = build_recent_popularity(HISTORIES, vocab_size=12, num_special=2, window=2)
+    counts = Counter(i for ids in HISTORIES for i in ids[-2:] if i >= 2)  # 3:1 4:2 5:1 8:1 9:1 2:1
+    torch.testing.assert_close(recent, torch.log1p(torch.tensor([float(counts[j]) for j in range(12)])))
+    assert recent[4] == pytest.approx(math.log(3))  # 4 ends two histories
+    with pytest.raises(ValueError, match="recent_window needs transition_prior_lags"):
+        make_model(transition_prior_recent_window=2)
+    with pytest.raises(ValueError, match="recent_window is a stacked term"):
+        make_model(transition_prior_lags=1, transition_prior_recent_window=2, transition_prior_in_loss=True)
+
+
+def recent_model(**overrides):
+    return prior_model(recent_window=2, **overrides)
+
+
+def test_recent_popularity_starts_at_weight_zero_so_scores_and_loss_are_unchanged():
+    model, plain = recent_model(), prior_model()  # same seed: the same network and tables
+    assert model.transition_prior.weight.tolist() == pytest.approx([0.8, -0.4, 0.0])
+    assert SeqRecForNextItemPrediction(model.config).transition_prior.weight.tolist()[-1] == 0.0  # the init
+    labels = IDS.masked_fill(MASK == 0, -100)
+    torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, plain(input_ids=IDS).logits)
+    torch.testing.assert_close(
+        model(input_ids=IDS, attention_mask=MASK, labels=labels).loss,
+        plain(input_ids=IDS, attention_mask=MASK, labels=labels).loss,
+    )
+    with pytest.raises(ValueError, match="recent-popularity"):
+        model.transition_prior.set_prior(*build_transition_prior(HISTORIES, 12, 2, 2, 3))  # the counts are missing
+
+
+@pytest.mark.parametrize("chunk_size,reverse", [(4, False), (65536, True)])
+def test_recent_popularity_is_added_to_logits_recommend_and_the_export(chunk_size, reverse, tmp_path):
+    model = recent_model(reverse=reverse)
+    with torch.no_grad():
+        model.transition_prior.weight[-1] = 1.7
+    recent = 1.7 * model.transition_prior.recent
+    hidden = model.model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    expected = hidden @ model.item_head.weight.t() + dense_prior(model, IDS, MASK) + recent
+    torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, expected)
+    brute = expected[:, -1].clone()
+    brute[:, :2] = float("-inf")
+    brute = brute.scatter(1, IDS, float("-inf"))
+    items, scores = model.recommend(input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
+    torch.testing.assert_close(scores, brute.topk(4).values)
+    assert torch.equal(items, brute.topk(4).indices)
+    program = export_for_serving(model, input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
+    got_items, got_scores = program(input_ids=IDS, attention_mask=MASK)
+    assert torch.equal(got_items, items)
+    torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = SeqRecForNextItemPrediction.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(input_ids=IDS, attention_mask=MASK).logits, expected)
+    model.resize_token_embeddings(14)  # new items have no recent counts
+    assert model(input_ids=torch.tensor([[2, 12, 13]])).logits.shape[-1] == 14
+
+
+def test_calibration_fits_the_recent_popularity_weight(tokenizer):
+    from seqrec_hf.evaluation import calibrate_transition_prior, evaluate, model_score_fn
+
+    # Every training history ends with the "hot" item i6, and so does every held-out target: only recent
+    # popularity knows (the transitions into i6 come from everywhere, each seen once).
+    histories = [[f"i{i % 5}", f"i{(i + 2) % 5}", "i6"] for i in range(30)]
+    held_out = {"item_ids": [[f"i{(i + 1) % 5}"] for i in range(30)], "target": ["i6"] * 30}
+    ids = [tokenizer.convert_items_to_ids(h) for h in histories]
+    model = make_model(
+        vocab_size=len(tokenizer), transition_prior_lags=1, transition_prior_size=2, transition_prior_recent_window=1
+    )
+    tables = build_transition_prior([h[:2] for h in ids], len(tokenizer), 2, 1, 2)  # no transition into i6
+    model.transition_prior.set_prior(*tables, recent=build_recent_popularity(ids, len(tokenizer), 2, 1))
+    before = evaluate(model_score_fn(model), held_out, tokenizer, show_progress=False)["NDCG@10"]
+    result = calibrate_transition_prior(model, held_out, tokenizer, grid=(0.0, 1.0, 4.0), show_progress=False)
+    assert len(result["weights"]) == 2 and result["weights"][-1] > 0
+    assert result["metric"] == pytest.approx(1.0) and before < 0.9
