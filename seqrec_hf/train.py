@@ -297,6 +297,8 @@ def _coerce(name: str, value: Any, annotation: Any, source: Any) -> Any:
                 raise ValueError
             return float(value)
         if base is str:
+            if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` (`mixed_precision: no`) as false
+                return "no" if value is False else "yes"
             return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"{source or 'overrides'}: recipe field {name!r} expects {kind}, got {value!r}") from None
@@ -514,6 +516,22 @@ def run_evaluation(accelerator, model, rows, tokenizer, recipe, desc: str) -> di
     return metrics
 
 
+def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); None where the flags cannot be read.
+
+    Without it, PyTorch emulates bf16 matmuls, and autocast makes CPU training several times slower instead of
+    faster (Beauty recipe, an AVX2-only EPYC, 2 threads: 5.2 s/step bf16 vs 0.74 s/step fp32).
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     """Train a model from scratch as the recipe says; returns the metrics written to metrics.json."""
     output_dir = Path(recipe.output_dir)
@@ -527,6 +545,11 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     )
     set_seed(recipe.seed)
     is_main = accelerator.is_main_process
+    if recipe.mixed_precision == "bf16" and accelerator.device.type == "cpu" and cpu_has_native_bf16() is False:
+        logger.warning(
+            "mixed_precision=bf16 on a CPU without AVX-512 BF16/AMX: bf16 is emulated and training runs several"
+            " times slower than fp32; pass mixed_precision=no (quoted or not) unless you need the bf16 numbers"
+        )
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,6 +1,7 @@
 """Training with Accelerate: recipes, resume after a kill, bf16 on CPU, 2 processes; Trainer fine-tuning."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file
 
-from seqrec_hf.train import TrainingRecipe, latest_checkpoint, load_recipe, parse_overrides, train
+from seqrec_hf.train import TrainingRecipe, cpu_has_native_bf16, latest_checkpoint, load_recipe, parse_overrides, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,11 @@ def test_recipe_errors_name_the_field(tmp_path):
         load_recipe(bad)
     with pytest.raises(ValueError, match="mixed_precision"):
         load_recipe(None, {"mixed_precision": "fp8"})
+    # an unquoted `no` is YAML's false: it must still mean "no mixed precision", in a file and as key=value
+    unquoted = tmp_path / "no.yaml"
+    unquoted.write_text("mixed_precision: no\n")
+    assert load_recipe(unquoted).mixed_precision == "no"
+    assert load_recipe(None, parse_overrides(["mixed_precision=no"])).mixed_precision == "no"
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["oops"])
     recipe = load_recipe(None, parse_overrides(["learning_rate=3e-4", "use_time_bias=true", "batch_size=32"]))
@@ -90,10 +96,25 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     assert metrics_a["test"] == metrics_b["test"]
 
 
-def test_bf16_cpu_training_and_outputs(tmp_path):
+def test_cpu_bf16_detection(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2\n")
+    assert cpu_has_native_bf16(info) is False
+    info.write_text("processor\t: 0\n")
+    assert cpu_has_native_bf16(info) is None
+    assert cpu_has_native_bf16(tmp_path / "missing") is None
+
+
+def test_bf16_cpu_training_and_outputs(tmp_path, monkeypatch, caplog):
+    # the warning for emulated bf16 must fire where the CPU lacks it (forced here, whatever this machine has)
+    monkeypatch.setattr("seqrec_hf.train.cpu_has_native_bf16", lambda *a: False)
     overrides = parse_overrides(TINY + ["max_steps=12", "eval_every_steps=6", "mixed_precision=bf16"])
     recipe = load_recipe(None, dict(overrides, output_dir=str(tmp_path)))
-    result = train(recipe)
+    with caplog.at_level(logging.WARNING, logger="seqrec_hf.train"):
+        result = train(recipe)
+    assert any("bf16 is emulated" in r.getMessage() for r in caplog.records)
     assert result["mixed_precision"] == "bf16"
     assert result["global_step"] == 12
     for name in ("model.safetensors", "config.json", "vocab.json", "metrics.json", "README.md", "train_log.jsonl"):
