@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import string
 import sys
@@ -240,6 +241,20 @@ def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: d
     return model
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays the string "no"
+    (YAML 1.1 reads yes/no/on/off as booleans); bool fields still accept those words (`_coerce`)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`key=value` strings -> dict, values read as YAML scalars (`lr=3e-4`, `use_time_bias=true`)."""
     out = {}
@@ -247,7 +262,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ValueError(f"override {pair!r} must look like key=value")
         key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+        out[key.strip().replace("-", "_")] = yaml.load(value, Loader=RecipeLoader) if value != "" else None
     return out
 
 
@@ -256,7 +271,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     values: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle) or {}
+            loaded = yaml.load(handle, Loader=RecipeLoader) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a recipe must be a YAML mapping of field: value")
         values.update(loaded)
@@ -283,8 +298,8 @@ def _coerce(name: str, value: Any, annotation: Any, source: Any) -> Any:
         return None
     try:
         if base is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
             if isinstance(value, bool):
                 return value
             raise ValueError
@@ -297,8 +312,6 @@ def _coerce(name: str, value: Any, annotation: Any, source: Any) -> Any:
                 raise ValueError
             return float(value)
         if base is str:
-            if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` (`mixed_precision: no`) as false
-                return "no" if value is False else "yes"
             return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"{source or 'overrides'}: recipe field {name!r} expects {kind}, got {value!r}") from None
@@ -516,20 +529,16 @@ def run_evaluation(accelerator, model, rows, tokenizer, recipe, desc: str) -> di
     return metrics
 
 
-def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); None where the flags cannot be read.
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); None where torch cannot tell.
 
     Without it, PyTorch emulates bf16 matmuls, and autocast makes CPU training several times slower instead of
     faster (Beauty recipe, an AVX2-only EPYC, 2 threads: 5.2 s/step bf16 vs 0.74 s/step fp32).
     """
-    try:
-        with open(cpuinfo, encoding="utf-8") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), None)
-    except OSError:
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if None in checks:  # private torch helpers (cpuinfo-based, every OS): absent in some torch builds
         return None
-    if flags is None:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return any(check() for check in checks)
 
 
 def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:

@@ -55,6 +55,7 @@ def test_recipe_errors_name_the_field(tmp_path):
     unquoted.write_text("mixed_precision: no\n")
     assert load_recipe(unquoted).mixed_precision == "no"
     assert load_recipe(None, parse_overrides(["mixed_precision=no"])).mixed_precision == "no"
+    assert load_recipe(None, parse_overrides(["use_time_bias=off"])).use_time_bias is False
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["oops"])
     recipe = load_recipe(None, parse_overrides(["learning_rate=3e-4", "use_time_bias=true", "batch_size=32"]))
@@ -96,15 +97,12 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     assert metrics_a["test"] == metrics_b["test"]
 
 
-def test_cpu_bf16_detection(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
-    assert cpu_has_native_bf16(info) is True
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2\n")
-    assert cpu_has_native_bf16(info) is False
-    info.write_text("processor\t: 0\n")
-    assert cpu_has_native_bf16(info) is None
-    assert cpu_has_native_bf16(tmp_path / "missing") is None
+def test_cpu_bf16_detection():
+    # torch's answer must agree with the CPU flags the kernel reports (Linux), whatever this machine has
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    assert cpu_has_native_bf16() is ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_bf16_cpu_training_and_outputs(tmp_path, monkeypatch, caplog):
