@@ -127,7 +127,11 @@ class SeqRecConfig(PreTrainedConfig):
         in_batch_negatives: `sampled_softmax` also uses the batch's other targets as negatives (mixed negatives).
         gbce_t: gBCE calibration parameter t in [0, 1] (1 = fully calibrated to the full softmax).
         loss_chunk_size: Positions scored at once when computing the loss; bounds the [positions x catalog]
-            logits memory, the backward pass recomputes each chunk.
+            logits memory (gradients are computed chunk by chunk in the same pass).
+        unpad_training: In training, run the position-wise layers (projections, feed-forward, norms, dropout)
+            on real events only, not on padding; attention and the filter still see the padded batch. Same
+            values at every real event (tested), less work where histories are short; `False` reproduces the
+            dropout draws of runs made before it existed.
         recommend_chunk_size: Catalog items scored at once in `recommend()`; bounds serving memory.
     """
 
@@ -180,6 +184,7 @@ class SeqRecConfig(PreTrainedConfig):
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
     loss_chunk_size: int = 4096
+    unpad_training: bool = True
     recommend_chunk_size: int = 65536
 
     @property

@@ -154,6 +154,55 @@ class SeqRecAttention(nn.Module):
         attn_output = attn_output.reshape(batch, seq_len, -1)
         return self.o_proj(attn_output), attn_weights
 
+    def forward_packed(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, packing: Packing
+    ) -> torch.Tensor:
+        """The same attention for real events only, (N, d) -> (N, d): the projections run on the N real
+        events, only the (B, H, T, T) scores need the padded layout."""
+        qkv = packing.pad(self.qkv_proj(hidden_states))  # (B, T, 3d), zeros at padding
+        batch, seq_len, _ = qkv.shape
+        query, key, value = qkv.view(batch, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask.to(query.dtype),
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return self.o_proj(packing.unpad(attn_output.reshape(batch, seq_len, -1)))
+
+
+@dataclass
+class Packing:
+    """Where the real events of a left-padded (B, T) batch are: `index` into the flattened B * T positions.
+
+    Training batches of short histories are mostly padding (Amazon: ~9 events per row of up to 50), and the
+    position-wise layers (projections, feed-forward, norms, dropout) have no reason to run there: they run on
+    the (N, d) real events, and only attention and the moving-average filter see the padded layout.
+    """
+
+    index: torch.Tensor  # (N,) positions of real events in the flattened batch
+    batch: int
+    seq_len: int
+
+    @classmethod
+    def from_mask(cls, valid: torch.Tensor) -> Packing:
+        return cls(valid.flatten().nonzero().squeeze(1), valid.shape[0], valid.shape[1])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        return padded.reshape(self.batch * self.seq_len, *padded.shape[2:]).index_select(0, self.index)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at padding."""
+        out = packed.new_zeros(self.batch * self.seq_len, *packed.shape[1:]).index_copy(0, self.index, packed)
+        return out.view(self.batch, self.seq_len, *packed.shape[1:])
+
 
 class SeqRecMLP(nn.Module):
     """Position-wise feed-forward layer."""
@@ -231,8 +280,11 @@ class SeqRecLowPassFilter(nn.Module):
         self.window = config.filter_window
         self.sqrt_beta = nn.Parameter(torch.ones(config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        low = causal_window_mean(hidden_states, valid, self.window)
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        if packing is None:
+            low = causal_window_mean(hidden_states, valid, self.window)
+        else:  # (N, d) real events: the moving average runs along each padded row
+            low = packing.unpad(causal_window_mean(packing.pad(hidden_states), valid, self.window))
         return low + self.sqrt_beta.square() * (hidden_states - low)
 
 
@@ -464,15 +516,19 @@ class SeqRecBlock(nn.Module):
         attention_mask: torch.Tensor,
         time_buckets: torch.Tensor | None,
         valid: torch.Tensor,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.time_bias is not None and time_buckets is not None:
             attention_mask = attention_mask + self.time_bias(time_buckets)
         if self.position_bias is not None:
             attention_mask = attention_mask + self.position_bias(hidden_states.shape[1], hidden_states.device)
         inputs = self.attn_norm(hidden_states) if self.pre_norm else hidden_states
-        mixed, attn_weights = self.self_attn(inputs, attention_mask)
+        if packing is None:
+            mixed, attn_weights = self.self_attn(inputs, attention_mask)
+        else:  # hidden_states are the (N, d) real events; everything below is position-wise
+            mixed, attn_weights = self.self_attn.forward_packed(inputs, attention_mask, packing), None
         if self.low_pass is not None:
-            mixed = self.filter_mix * self.low_pass(inputs, valid) + (1.0 - self.filter_mix) * mixed
+            mixed = self.filter_mix * self.low_pass(inputs, valid, packing) + (1.0 - self.filter_mix) * mixed
         hidden_states = hidden_states + self.dropout(mixed)
         if self.pre_norm:
             hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
@@ -645,23 +701,34 @@ class SeqRecModel(SeqRecPreTrainedModel):
         if self.training and self.config.item_dropout > 0:
             dropped = valid & (torch.rand(input_ids.shape, device=input_ids.device) < self.config.item_dropout)
             input_ids = input_ids.masked_fill(dropped, self.config.unk_token_id)
+        # Training runs the position-wise layers on real events only (see `Packing`); evaluation, export and
+        # requests for per-layer outputs keep the padded layout, which gives the same values at real events.
+        packing = None
+        if (
+            self.training
+            and self.config.unpad_training
+            and not (output_hidden_states or output_attentions or torch.compiler.is_compiling())
+            and not bool(valid.all())
+        ):
+            packing = Packing.from_mask(valid)
+        flat = packing.unpad if packing is not None else (lambda tensor: tensor)  # (B, T, ...) -> (N, ...)
         if item_table is None and self.item_graph is not None:
             item_table = self.item_table()
         if item_table is None:
-            hidden_states = self.embed_items(input_ids)
+            hidden_states = self.embed_items(flat(input_ids))
         else:
-            hidden_states = F.embedding(input_ids, item_table, padding_idx=self.config.pad_token_id)
+            hidden_states = F.embedding(flat(input_ids), item_table, padding_idx=self.config.pad_token_id)
         if self.embed_positions is not None:
             real = attention_mask.long()
             if self.config.position_embedding_type == "from_end":  # the latest event -> 0
                 position_ids = (real.flip(-1).cumsum(-1).flip(-1) - 1).clamp(min=0)
             else:  # the first real event -> 0
                 position_ids = (real.cumsum(-1) - 1).clamp(min=0)
-            hidden_states = hidden_states + self.embed_positions(position_ids)
+            hidden_states = hidden_states + self.embed_positions(flat(position_ids))
         if self.embed_time_gaps is not None:
             gaps = query_times(timestamps, query_timestamps) - timestamps.long()  # (B, T)
             buckets = bucketize_gaps(gaps, self.config.time_num_buckets, self.config.time_bucket_base)
-            hidden_states = hidden_states + self.embed_time_gaps(buckets)
+            hidden_states = hidden_states + self.embed_time_gaps(flat(buckets))
         if self.embed_norm is not None:
             hidden_states = self.embed_norm(hidden_states)
         hidden_states = self.embed_dropout(hidden_states)  # (B, T, d)
@@ -683,18 +750,26 @@ class SeqRecModel(SeqRecPreTrainedModel):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, mask, time_buckets, valid)
+            hidden_states, attn_weights = layer(hidden_states, mask, time_buckets, valid, packing)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             if output_attentions:
                 all_attn += (attn_weights,)
         hidden_states = self.final_norm(hidden_states)
+        if packing is not None:  # back to (B, T, d), zeros at padding (never scored: no target there)
+            hidden_states = packing.pad(hidden_states)
         return SeqRecModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
 
 
 # Most logits scored at once by the full cross-entropy (512 MB in fp32), whatever `loss_chunk_size` says: with a
 # 1M-item catalog a chunk is 134 positions, with 12k items the whole `loss_chunk_size` (4,096).
 MAX_LOGITS_PER_CHUNK = 2**27
+# On a CPU, a chunk's logits (16 MB in fp32) stay in the last-level cache through log-softmax, exp and the two
+# gradient matmuls: 4,096-position chunks of a 18k-item catalog (300 MB) go to DRAM on every pass, and the
+# element-wise passes run ~3x slower (measured in docs/performance.md). Never fewer than CPU_MIN_CHUNK rows,
+# so the matmuls keep a useful shape on large catalogs. GPUs keep `loss_chunk_size` (fewer, larger kernels).
+CPU_CACHE_LOGITS_PER_CHUNK = 2**22
+CPU_MIN_CHUNK = 128
 
 
 class _FullCrossEntropy(torch.autograd.Function):
@@ -780,6 +855,15 @@ class _FullCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None, None, None, grad_bias
 
 
+def loss_chunk_rows(chunk_size: int, catalog_size: int, device_type: str) -> int:
+    """Positions per chunk of the full cross-entropy: `chunk_size` at most, at most MAX_LOGITS_PER_CHUNK
+    logits, and on a CPU about CPU_CACHE_LOGITS_PER_CHUNK (cache-resident) but never below CPU_MIN_CHUNK."""
+    rows = min(chunk_size, MAX_LOGITS_PER_CHUNK // catalog_size)
+    if device_type == "cpu":
+        rows = min(rows, max(CPU_MIN_CHUNK, CPU_CACHE_LOGITS_PER_CHUNK // catalog_size))
+    return max(1, rows)
+
+
 def full_cross_entropy_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -813,7 +897,7 @@ def full_cross_entropy_sum(
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    chunk_size = max(1, min(chunk_size, MAX_LOGITS_PER_CHUNK // weight.shape[0]))
+    chunk_size = loss_chunk_rows(chunk_size, weight.shape[0], device_type)
     with_grads = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias_value is not None and bias_value.requires_grad)
     )

@@ -237,8 +237,9 @@ def test_without_position_embeddings_only_the_positions_are_dropped():
     torch.testing.assert_close(with_pos(**batch).logits, without(**batch).logits)
 
 
-def test_item_dropout_replaces_inputs_in_training_only():
-    model = make_model(item_dropout=0.5, seed=2)
+@pytest.mark.parametrize("unpad", [False, True])
+def test_item_dropout_replaces_inputs_in_training_only(unpad):
+    model = make_model(item_dropout=0.5, seed=2, unpad_training=unpad)
     seen = []
     model.model.embed_items.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
     batch = random_batch(batch=4, length=12)
@@ -251,6 +252,9 @@ def test_item_dropout_replaces_inputs_in_training_only():
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     loss = model(**batch, labels=labels).loss
     ids = seen[-1]
+    if unpad:  # training embeds the real events only, (N,); back to (B, T) with the padding ids
+        assert ids.shape == (int(batch["attention_mask"].sum()),)
+        ids = batch["input_ids"].masked_scatter(batch["attention_mask"].bool(), ids)
     replaced = ids != batch["input_ids"]
     assert (ids[replaced] == model.config.unk_token_id).all()
     assert not replaced[:, :2].any()  # padding is never replaced

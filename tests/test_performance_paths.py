@@ -1,6 +1,8 @@
 """The fast paths give the same answers as the plain ones, and memory stays bounded by the chunk sizes.
 
 - `torch.compile` (inductor, the CPU C++ backend) gives the eager loss and gradients.
+- Training on real events only (`unpad_training`) gives the padded layout's hidden states, loss and gradients.
+- The CPU loss chunks are cache-sized but never below `CPU_MIN_CHUNK` rows, and never above `loss_chunk_size`.
 - The training loss never creates a [positions x catalog] tensor, forward or backward, and the peak memory of
   a process computing it does not grow with the number of positions.
 - `recommend()` returns the same items and scores whatever its catalog chunk size (100k-item catalog), and
@@ -19,7 +21,14 @@ from conftest import REPO_ROOT, make_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from seqrec_hf.modeling_seqrec import next_item_loss
+from seqrec_hf.modeling_seqrec import (
+    CPU_CACHE_LOGITS_PER_CHUNK,
+    CPU_MIN_CHUNK,
+    MAX_LOGITS_PER_CHUNK,
+    Packing,
+    loss_chunk_rows,
+    next_item_loss,
+)
 
 
 class LargestTensor(TorchDispatchMode):
@@ -125,7 +134,14 @@ def test_bf16_autocast_loss_and_gradients_stay_close_to_fp32():
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from seqrec_hf.modeling_seqrec import next_item_loss
+    from seqrec_hf.modeling_seqrec import (
+    CPU_CACHE_LOGITS_PER_CHUNK,
+    CPU_MIN_CHUNK,
+    MAX_LOGITS_PER_CHUNK,
+    Packing,
+    loss_chunk_rows,
+    next_item_loss,
+)
     positions, vocab, chunk = (int(x) for x in sys.argv[1:])
     torch.manual_seed(0)
     hidden = torch.randn(positions // 64, 65, 32, requires_grad=True)
@@ -198,3 +214,99 @@ def test_recommend_is_the_same_for_any_chunk_size_on_a_100k_catalog():
     brute_scores, brute_ids = full.topk(50, dim=-1)
     torch.testing.assert_close(reference_scores, brute_scores, rtol=1e-5, atol=1e-5)
     assert (reference_ids == brute_ids).float().mean() > 0.99  # float ties may order differently
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"norm_style": "post", "filter_mix": 0.7, "filter_window": 3, "embedding_norm": True},
+        {"use_time_bias": True, "use_time_gap_embedding": True, "position_embedding_type": "from_end"},
+        {"item_graph_layers": 1, "item_graph_edges": 0},
+    ],
+    ids=["pre-norm", "post-norm+filter", "time-aware", "item-graph"],
+)
+def test_unpadded_training_matches_the_padded_layout(overrides):
+    """Dropout off, so both layouts compute the same function: outputs at real events, loss and every gradient."""
+    times = overrides.get("use_time_bias", False)
+    batch = training_batch(6, 12, 40, seed=3, times=times)
+    batch["attention_mask"][1:4, :9] = 0  # short histories: most of the batch is padding
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    valid = batch["attention_mask"].bool()
+    results = {}
+    for unpad in (False, True):
+        model = make_model(seed=4, **overrides).train()
+        model.config.unpad_training = unpad
+        out = model(**batch)
+        out.loss.backward()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = model.model(**inputs).last_hidden_state
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[unpad] = (out.loss, hidden, grads)
+    (loss_a, hidden_a, grads_a), (loss_b, hidden_b, grads_b) = results[False], results[True]
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(hidden_b[valid], hidden_a[valid])
+    assert (hidden_b[~valid] == 0).all()  # padding is never computed in the unpadded layout
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 5
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+
+
+def test_unpadded_training_is_used_only_where_it_applies():
+    """Training with padding packs; evaluation, per-layer outputs and padding-free batches keep the layout."""
+    model = make_model(seed=1)
+    calls = []
+    original = Packing.from_mask
+    Packing.from_mask = classmethod(lambda cls, valid: calls.append(valid.shape) or original.__func__(cls, valid))
+    try:
+        batch = training_batch(3, 8, 40)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        model.eval()(**inputs)
+        model.train()(**inputs, output_hidden_states=True)
+        full = {k: v for k, v in inputs.items()}
+        full["attention_mask"] = torch.ones_like(full["attention_mask"])
+        model(**full)
+        assert calls == []
+        model(**inputs)
+        assert calls == [(3, 8)]
+    finally:
+        Packing.from_mask = original
+
+
+def test_packing_round_trip():
+    valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    packing = Packing.from_mask(valid)
+    padded = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    packed = packing.unpad(padded)
+    assert packed.shape == (7, 2)
+    torch.testing.assert_close(packed, padded[valid])
+    restored = packing.pad(packed)
+    torch.testing.assert_close(restored[valid], padded[valid])
+    assert (restored[~valid] == 0).all()
+
+
+def test_cpu_loss_chunks_are_cache_sized_within_the_bounds():
+    assert loss_chunk_rows(4096, 18357, "cpu") == max(CPU_MIN_CHUNK, CPU_CACHE_LOGITS_PER_CHUNK // 18357)
+    assert loss_chunk_rows(4096, 18357, "cpu") * 18357 <= CPU_CACHE_LOGITS_PER_CHUNK
+    assert loss_chunk_rows(64, 18357, "cpu") == 64  # the config's bound still holds
+    assert loss_chunk_rows(4096, 1_000_002, "cpu") == CPU_MIN_CHUNK  # large catalogs: matmuls keep their shape
+    assert loss_chunk_rows(4096, 10**8, "cpu") == MAX_LOGITS_PER_CHUNK // 10**8  # the memory cap wins
+    assert loss_chunk_rows(4096, 18357, "cuda") == 4096  # GPUs: few large kernels
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_loss_and_gradients_do_not_depend_on_the_chunk_size(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 30, 16)
+    weight = torch.randn(500, 16)
+    labels = torch.randint(2, 500, (5, 30))
+    mask = torch.ones(5, 30)
+    grads = []
+    for size in (chunk, 10**6):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = next_item_loss(h, labels, mask, w, 2, size)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b)
