@@ -17,6 +17,7 @@ from seqrec_hf import SeqRecConfig
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import ablations  # noqa: E402
 import quality  # noqa: E402
+import train_step  # noqa: E402
 
 
 @pytest.fixture
@@ -249,3 +250,21 @@ def test_recent_popularity_leaves_training_unchanged(tmp_path):
     for key, value in models[0].items():
         if key != "transition_prior.weight":
             assert torch.equal(models[1][key], value), key
+
+
+def test_train_step_benchmark_times_every_variant_and_restores_the_chunk_cap(recipe, tmp_path):
+    from seqrec_hf import modeling_seqrec
+
+    cap = modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK
+    out = tmp_path / "train_step"
+    argv = ["--recipes", str(recipe), "--rounds", "2", "--steps", "2", "--warmup", "1", "--output", str(out)]
+    assert train_step.main(argv) == 0
+    assert modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK == cap
+    payload = json.loads(out.with_suffix(".json").read_text())
+    (result,) = payload["results"]
+    assert [row["variant"] for row in result["rows"]] == list(train_step.VARIANTS)
+    for row in result["rows"]:
+        assert len(row["seconds_per_step"]) == 2 and all(s > 0 for s in row["seconds_per_step"])
+    assert result["rows"][0]["speedup_vs_before"] == [1.0, 1.0]
+    assert 0 < result["real_events_per_batch"] <= result["padded_positions_per_batch"]
+    assert "both (current default)" in out.with_suffix(".md").read_text()
