@@ -176,15 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "train_step"))
     args = parser.parse_args(argv)
+    threads_before = torch.get_num_threads()  # restored: callers (tests) share this process's thread pool
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    results = [bench_recipe(name, args) for name in args.recipes]
+    try:
+        results = [bench_recipe(name, args) for name in args.recipes]
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads_before)
     payload = {
         "command": "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "cpu": cpu_name(),
         "load_start": load_start,
         "load_end": os.getloadavg()[0],

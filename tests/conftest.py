@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,12 @@ import seqrec_hf  # noqa: F401  (registers the Auto classes and the pipeline)
 from seqrec_hf import ItemTokenizer, SeqRecConfig, SeqRecForNextItemPrediction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Inductor's kernel cache defaults to a /tmp folder shared by every process of the user: a run killed while it
+# wrote a kernel leaves a truncated .so there ("file too short") that fails later runs. Each session gets its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="seqrec-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 DATA_DIR = Path(os.environ.get("SEQREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 

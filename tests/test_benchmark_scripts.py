@@ -255,11 +255,13 @@ def test_recent_popularity_leaves_training_unchanged(tmp_path):
 def test_train_step_benchmark_times_every_variant_and_restores_the_chunk_cap(recipe, tmp_path):
     from seqrec_hf import modeling_seqrec
 
-    cap = modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK
+    cap, threads = modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK, torch.get_num_threads()
     out = tmp_path / "train_step"
-    argv = ["--recipes", str(recipe), "--rounds", "2", "--steps", "2", "--warmup", "1", "--output", str(out)]
+    argv = ["--recipes", str(recipe), "--rounds", "2", "--steps", "2", "--warmup", "1", "--output", str(out),
+            "--threads", str(threads + 1)]  # fmt: skip
     assert train_step.main(argv) == 0
     assert modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK == cap
+    assert torch.get_num_threads() == threads  # later tests compare scores bit-exactly across processes
     payload = json.loads(out.with_suffix(".json").read_text())
     (result,) = payload["results"]
     assert [row["variant"] for row in result["rows"]] == list(train_step.VARIANTS)

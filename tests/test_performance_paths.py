@@ -134,14 +134,7 @@ def test_bf16_autocast_loss_and_gradients_stay_close_to_fp32():
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from seqrec_hf.modeling_seqrec import (
-    CPU_CACHE_LOGITS_PER_CHUNK,
-    CPU_MIN_CHUNK,
-    MAX_LOGITS_PER_CHUNK,
-    Packing,
-    loss_chunk_rows,
-    next_item_loss,
-)
+    from seqrec_hf.modeling_seqrec import next_item_loss
     positions, vocab, chunk = (int(x) for x in sys.argv[1:])
     torch.manual_seed(0)
     hidden = torch.randn(positions // 64, 65, 32, requires_grad=True)
