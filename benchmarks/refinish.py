@@ -40,7 +40,13 @@ from seqrec_hf.train import (
 
 # Settings that change the stacked prior only: the network trained with them is the one trained without.
 PRIOR_SETTINGS = frozenset(
-    {"transition_prior_lags", "transition_prior_size", "transition_prior_reverse", "transition_prior_recent_window"}
+    {
+        "transition_prior_lags",
+        "transition_prior_size",
+        "transition_prior_reverse",
+        "transition_prior_recent_window",
+        "transition_prior_counts",
+    }
 )
 
 

@@ -262,9 +262,14 @@ def render_model_card(
             if isinstance(window, int) and window > 0
             else ""
         )
+        counted = (
+            "counted on the input histories of the split scored: at test, the training split plus every user's"
+            " validation item"
+            if setting("transition_prior_counts") == "inputs"
+            else "counted on the training split"
+        )
         architecture += (
-            f", plus a count-based transition prior over the last {lags} events{reverse}{recent} ({how}; counted"
-            " on the training split)"
+            f", plus a count-based transition prior over the last {lags} events{reverse}{recent} ({how}; {counted})"
         )
     if recipe.get("ema_decay"):
         architecture += f"; the weights are an exponential moving average (decay {recipe['ema_decay']})"
@@ -289,6 +294,7 @@ def render_model_card(
         "transition_prior_size",
         "transition_prior_reverse",
         "transition_prior_recent_window",
+        "transition_prior_counts",
         "score_norm",
         "use_time_bias",
         "use_time_gap_embedding",

@@ -111,6 +111,12 @@ class TrainingRecipe:
     transition_prior_recent_window: int = field(
         default=0, metadata={"help": "Add recent popularity: counts among each history's last N events (0: off)."}
     )
+    transition_prior_counts: str = field(
+        default="train",
+        metadata={
+            "help": "Count the prior on the train split ('train') or on the inputs of the split scored ('inputs')."
+        },
+    )
     transition_prior_weight: float = field(default=1.0, metadata={"help": "Initial weight of each lag."})
     transition_prior_in_loss: bool = field(default=False, metadata={"help": "Train the network with the prior."})
     calibrate_transition_prior: bool = field(
@@ -187,6 +193,14 @@ class TrainingRecipe:
             )
         if self.train_rows == "prefixes" and self.target_window > 1:
             raise ValueError("target_window > 1 needs train_rows='sequences' (a prefix row has one target)")
+        if self.transition_prior_counts not in ("train", "inputs"):
+            raise ValueError(
+                f"transition_prior_counts must be 'train' or 'inputs', got {self.transition_prior_counts!r}"
+            )
+        if self.transition_prior_counts == "inputs" and self.transition_prior_in_loss:
+            raise ValueError(
+                "transition_prior_counts='inputs' applies to a stacked prior, not to transition_prior_in_loss"
+            )
         if self.log_test_metrics and self.drop_last_events < 1:
             raise ValueError(
                 "log_test_metrics needs drop_last_events >= 1: test curves are logged only on a shifted split, whose"
@@ -224,21 +238,43 @@ def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: d
         model.model.item_graph.set_graph(*graph)
         logger.info("item graph: %d edges between %d items", edges, len(tokenizer))
     if recipe.transition_prior_lags > 0:
-        prior = build_transition_prior(
-            histories,
-            len(tokenizer),
-            special,
-            recipe.transition_prior_lags,
-            recipe.transition_prior_size,
-            reverse=recipe.transition_prior_reverse,
-        )
-        window = recipe.transition_prior_recent_window
-        recent = build_recent_popularity(histories, len(tokenizer), special, window) if window > 0 else None
-        model.transition_prior.set_prior(*prior, recent=recent)
-        logger.info(
-            "transition prior: %d lags, %d kept transitions", recipe.transition_prior_lags, int((prior[1] > 0).sum())
-        )
+        count_transition_prior(model, recipe, tokenizer, histories)
     return model
+
+
+def count_transition_prior(model, recipe: TrainingRecipe, tokenizer: ItemTokenizer, histories: list[list[int]]) -> None:
+    """(Re)count the model's stacked transition prior (tables and recent popularity) on `histories` (token
+    ids); its weights are kept. The one place the prior's counts are made, for training and for scoring."""
+    special = tokenizer.num_special_tokens
+    prior = build_transition_prior(
+        histories,
+        len(tokenizer),
+        special,
+        recipe.transition_prior_lags,
+        recipe.transition_prior_size,
+        reverse=recipe.transition_prior_reverse,
+    )
+    window = recipe.transition_prior_recent_window
+    recent = build_recent_popularity(histories, len(tokenizer), special, window) if window > 0 else None
+    model.transition_prior.set_prior(*prior, recent=recent)
+    logger.info(
+        "transition prior: %d lags, %d kept transitions from %d histories",
+        recipe.transition_prior_lags,
+        int((prior[1] > 0).sum()),
+        len(histories),
+    )
+
+
+def count_prior_on_inputs(model, recipe: TrainingRecipe, tokenizer: ItemTokenizer, split: datasets.Dataset) -> None:
+    """With `transition_prior_counts='inputs'`, count the stacked prior on the input histories of the split
+    about to be scored. Under leave-one-out the validation inputs are the train split (nothing changes), and
+    the test inputs add each user's validation item: the prior then holds every user's latest transition at
+    test time as it does at validation, as a served model counting all known events would. Inputs only: no
+    target of the scored split is counted."""
+    if recipe.transition_prior_counts != "inputs" or model.transition_prior is None:
+        return
+    histories = [tokenizer.convert_items_to_ids(items) for items in split["item_ids"]]
+    count_transition_prior(model, recipe, tokenizer, histories)
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -766,6 +802,7 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
         best = SeqRecForNextItemPrediction.from_pretrained(best_dir).to(accelerator.device)
         validation = _best_validation(output_dir / "train_log.jsonl", state["best_step"])
         stacked = best.transition_prior is not None and not recipe.transition_prior_in_loss
+        count_prior_on_inputs(best, recipe, tokenizer, splits["validation"])
         if stacked and recipe.calibrate_transition_prior:  # jointly trained weights are kept as learned
             # stacking: the lag weights are fitted on held-out rows (validation), never on test
             calibration = calibrate_transition_prior(
@@ -782,6 +819,16 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
             )
             result["transition_prior_calibration"] = calibration
             logger.info("transition prior weights fitted on validation: %s", calibration["weights"])
+        if stacked and recipe.transition_prior_counts == "inputs":  # ablation beside: the train-split counts
+            result["test_prior_train_counts"] = evaluate(
+                model_score_fn(best),
+                splits["test"],
+                tokenizer,
+                batch_size=recipe.eval_batch_size,
+                max_length=recipe.max_length,
+                show_progress=False,
+            )
+        count_prior_on_inputs(best, recipe, tokenizer, splits["test"])  # saved so: the served model's counts
         test = evaluate(
             model_score_fn(best),
             splits["test"],

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, make_model
 
-from seqrec_hf import SeqRecForNextItemPrediction
+from seqrec_hf import ItemTokenizer, SeqRecForNextItemPrediction
 from seqrec_hf.export import export_for_serving
 from seqrec_hf.modeling_seqrec import build_recent_popularity, build_transition_prior
-from seqrec_hf.train import load_recipe, parse_overrides, train
+from seqrec_hf.train import load_recipe, parse_overrides, prepare_data, train
 
 HISTORIES = [[2, 3, 4, 5, 3, 4], [3, 4, 6, 2, 3, 5], [7, 3, 4, 8], [1, 9, 9, 2]]  # 1 is [UNK]: never counted
 
@@ -349,3 +349,43 @@ def test_calibration_fits_the_recent_popularity_weight(tokenizer):
     result = calibrate_transition_prior(model, held_out, tokenizer, grid=(0.0, 1.0, 4.0), show_progress=False)
     assert len(result["weights"]) == 2 and result["weights"][-1] > 0
     assert result["metric"] == pytest.approx(1.0) and before < 0.9
+
+
+def test_prior_counted_on_the_inputs_of_the_split_scored(tmp_path):
+    # transition_prior_counts='inputs': validation (inputs = the train split) is exactly as before, the test
+    # and the saved model use counts over the test inputs (each user's validation item added), no target.
+    base = TINY + ["max_steps=15", "eval_every_steps=15", "transition_prior_lags=2", "transition_prior_size=8"]
+    base += ["transition_prior_recent_window=2"]
+    runs = {}
+    for counts in ("train", "inputs"):
+        out = tmp_path / counts
+        overrides = parse_overrides(base + [f"transition_prior_counts={counts}"])
+        train(load_recipe(None, dict(overrides, output_dir=str(out))))
+        metrics = json.loads((out / "metrics.json").read_text())
+        runs[counts] = (metrics, SeqRecForNextItemPrediction.from_pretrained(out))
+    (plain, plain_model), (inputs, inputs_model) = runs["train"], runs["inputs"]
+    assert inputs["validation"] == plain["validation"]
+    assert inputs["transition_prior_calibration"]["weights"] == plain["transition_prior_calibration"]["weights"]
+    assert inputs["test_network_only"] == plain["test_network_only"]  # the same network
+    assert inputs["test_prior_train_counts"] == plain["test"] and "test_prior_train_counts" not in plain
+
+    recipe = load_recipe(None, dict(parse_overrides(base), output_dir=str(tmp_path / "train")))
+    tokenizer = ItemTokenizer.from_pretrained(tmp_path / "train")
+    splits, tokenizer, _ = prepare_data(recipe, tokenizer)
+
+    def tables(split):
+        histories = [tokenizer.convert_items_to_ids(items) for items in splits[split]["item_ids"]]
+        index, value = build_transition_prior(histories, len(tokenizer), 2, 2, 8)
+        return index, value, build_recent_popularity(histories, len(tokenizer), 2, 2)
+
+    for model, split in ((plain_model, "train"), (inputs_model, "test")):
+        index, value, recent = tables(split)
+        assert torch.equal(model.transition_prior.index, index) and torch.equal(model.transition_prior.value, value)
+        assert torch.equal(model.transition_prior.recent, recent)
+    assert not torch.equal(inputs_model.transition_prior.value, plain_model.transition_prior.value)
+    # the test inputs end with the validation item, and nothing after it: the test targets are never counted
+    test = splits["test"]
+    assert all(items[-1] == target for items, target in zip(test["item_ids"], splits["validation"]["target"]))
+    assert "validation item" in (tmp_path / "inputs" / "README.md").read_text()
+    with pytest.raises(ValueError, match="transition_prior_counts"):
+        load_recipe(None, {"transition_prior_counts": "test"})
