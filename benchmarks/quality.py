@@ -171,11 +171,14 @@ def render(results: dict) -> str:
                 + " | ".join(cells)
                 + f" | {s['validation NDCG@10']['mean']:.4f} | {s['train_seconds']['mean']:.0f} |"
             )
-            if all("test_network_only" in r for r in entry["runs"]):  # ablation of the same runs
-                alone = summarise([{**r, "test": r["test_network_only"]} for r in entry["runs"]])
-                cells = [f"{alone[m]['mean']:.4f} ± {alone[m]['std']:.4f}" for m in METRICS]
-                lines.append(f"| {entry['variant']}: its network alone (no prior) | {len(entry['seeds'])} | "
-                             + " | ".join(cells) + " | - | - |")  # fmt: skip
+            ablations = (("test_prior_train_counts", "its prior counted on the train split"),
+                         ("test_network_only", "its network alone (no prior)"))  # fmt: skip
+            for key, label in ablations:  # the same runs (network and weights), scored another way
+                if all(key in r for r in entry["runs"]):
+                    other = summarise([{**r, "test": r[key]} for r in entry["runs"]])
+                    cells = [f"{other[m]['mean']:.4f} ± {other[m]['std']:.4f}" for m in METRICS]
+                    lines.append(f"| {entry['variant']}: {label} | {len(entry['seeds'])} | "
+                                 + " | ".join(cells) + " | - | - |")  # fmt: skip
         for name, values in baseline_results(dataset).items():
             cells = [f"{values[m]:.4f}" if m in values else "-" for m in METRICS]
             lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - | - |")
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.time()
                 result = train(recipe)
                 result["wall_seconds"] = time.time() - start
-            keys = ("test", "validation", "train_seconds", "best_step", "wall_seconds", "test_network_only")
+            keys = ("test", "validation", "train_seconds", "best_step", "wall_seconds", "test_network_only",
+                    "test_prior_train_counts")  # fmt: skip
             runs.append({k: result[k] for k in keys if k in result})
             print(f"{args.name}/{name} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f} "
                   f"HR@10 {result['test']['HR@10']:.4f}", flush=True)  # fmt: skip

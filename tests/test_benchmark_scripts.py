@@ -73,6 +73,18 @@ def test_quality_runs_seeds_and_variants_and_summarises_them(recipe, results_dir
     assert (tmp_path / "cards" / "tiny-small.png").is_file()
 
 
+def test_quality_reports_the_prior_ablations_of_the_same_runs(recipe, results_dir, tmp_path):
+    argv = ["--recipe", str(recipe), "--name", "tiny", "--seeds", "1", "--output-root", str(tmp_path / "runs"),
+            "--variant", "inputs", "transition_prior_lags=1", "transition_prior_counts=inputs",
+            "--set", "num_epochs=1"]  # fmt: skip
+    assert quality.main(argv) == 0
+    (run,) = json.loads((results_dir / "quality.json").read_text())["tiny/inputs"]["runs"]
+    table = (results_dir / "quality.md").read_text()
+    for key, label in (("test", "inputs"), ("test_prior_train_counts", "inputs: its prior counted on the train split"),
+                       ("test_network_only", "inputs: its network alone (no prior)")):  # fmt: skip
+        assert f"| {label} | 1 | {run[key]['HR@5']:.4f} ± 0.0000 |" in table, label
+
+
 def test_ablations_train_variants_and_collect_existing_runs(recipe, results_dir, tmp_path):
     root = tmp_path / "abl"
     argv = ["--recipe", str(recipe), "--name", "tiny", "--epochs", "2", "--output-root", str(root),
