@@ -7,10 +7,12 @@ the epoch chosen on validation stay as they were; only what `seqrec_hf.train.fin
 `--set` changes settings of the stacked transition prior (e.g. `transition_prior_recent_window=3`), which never
 reach the network's training (the stacked prior's weights are frozen; the new terms start at weight 0): the
 prior is counted again on the train split, the run's network weights are kept, and the recipe recorded in
-metrics.json is the changed one, as if the run had been trained with it.
+metrics.json is the changed one, as if the run had been trained with it. `transition_prior_counts=inputs`
+changes only where `finish` counts the prior for scoring (the test inputs); the best model is left as it is.
 
     python benchmarks/refinish.py outputs/quality/beauty/default/seed42 [more run folders ...]
     python benchmarks/refinish.py outputs/quality/beauty/default/seed42 --set transition_prior_recent_window=3
+    python benchmarks/refinish.py outputs/quality/sports/fp32-inputs/seed43 --set transition_prior_counts=inputs
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def refinish(run_dir: str | Path, overrides: dict | None = None) -> dict:
         changed = dataclasses.asdict(recipe) | overrides
         recipe = load_recipe(None, changed)  # checked and typed as a recipe file would be
     splits, tokenizer, _ = prepare_data(recipe, tokenizer)
-    if overrides:
+    if set(overrides) - {"transition_prior_counts"}:  # the tables change; where they are counted is finish()'s
         swap_prior(run_dir / "best_model", recipe, tokenizer, splits["train"])
     AcceleratorState._reset_state()  # one Accelerator per run, as train() does
     return finish(Accelerator(cpu=True), recipe, tokenizer, splits, state)

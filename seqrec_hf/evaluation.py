@@ -132,7 +132,8 @@ def _sorted_by_length(examples: Any) -> Any:
     little work on padding (Beauty: ~5x fewer positions than in file order). Every metric is an average or a
     union over users, so the order changes none of them."""
     if isinstance(examples, datasets.Dataset):  # list lengths from Arrow: no per-row Python objects (~1000x)
-        lengths = pc.list_value_length(examples.with_format("arrow")[:]["item_ids"]).to_pylist()
+        column = examples.select_columns(["item_ids"]).with_format("arrow")[:]["item_ids"]
+        lengths = pc.list_value_length(column).to_pylist()
         return examples.select(sorted(range(len(lengths)), key=lengths.__getitem__))
     if isinstance(examples, Mapping):
         histories = examples["item_ids"]

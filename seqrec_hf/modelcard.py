@@ -258,13 +258,14 @@ def render_model_card(
         reverse = " and the current event's predecessors" if setting("transition_prior_reverse") else ""
         window = setting("transition_prior_recent_window")
         recent = (
-            f" and recent popularity (each training history's last {window} events)"
+            f" and recent popularity (each counted history's last {window} events)"
             if isinstance(window, int) and window > 0
             else ""
         )
         counted = (
             "counted on the input histories of the split scored: at test, the training split plus every user's"
-            " validation item"
+            " validation item, and so in this checkpoint, which therefore must not be scored on the validation"
+            " split again (`best_model/` keeps the training-split counts)"
             if setting("transition_prior_counts") == "inputs"
             else "counted on the training split"
         )

@@ -521,7 +521,8 @@ class SeqRecBlock(nn.Module):
         if self.time_bias is not None and time_buckets is not None:
             attention_mask = attention_mask + self.time_bias(time_buckets)
         if self.position_bias is not None:
-            attention_mask = attention_mask + self.position_bias(hidden_states.shape[1], hidden_states.device)
+            # the mask's last dim is the padded length T, whether hidden_states are (B, T, d) or packed (N, d)
+            attention_mask = attention_mask + self.position_bias(attention_mask.shape[-1], hidden_states.device)
         inputs = self.attn_norm(hidden_states) if self.pre_norm else hidden_states
         if packing is None:
             mixed, attn_weights = self.self_attn(inputs, attention_mask)

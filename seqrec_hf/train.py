@@ -197,6 +197,11 @@ class TrainingRecipe:
             raise ValueError(
                 f"transition_prior_counts must be 'train' or 'inputs', got {self.transition_prior_counts!r}"
             )
+        if self.transition_prior_counts == "inputs" and self.split != "leave_one_out":
+            raise ValueError(
+                "transition_prior_counts='inputs' needs split='leave_one_out' (validation inputs = the train split,"
+                " test inputs = the train split + each user's validation item); temporal splits count the train split"
+            )
         if self.transition_prior_counts == "inputs" and self.transition_prior_in_loss:
             raise ValueError(
                 "transition_prior_counts='inputs' applies to a stacked prior, not to transition_prior_in_loss"
@@ -226,7 +231,7 @@ def build_model(recipe: TrainingRecipe, tokenizer: ItemTokenizer, train_split: d
     counted on the training histories (the train split only: never a validation or test target)."""
     if recipe.item_graph_layers <= 0 and recipe.transition_prior_lags <= 0:
         return SeqRecForNextItemPrediction(recipe.model_config(len(tokenizer)))
-    histories = [tokenizer.convert_items_to_ids(items) for items in train_split["item_ids"]]
+    histories = _histories(tokenizer, train_split)
     special = tokenizer.num_special_tokens
     graph = build_item_graph(histories, len(tokenizer), special) if recipe.item_graph_layers > 0 else None
     edges = graph[1].numel() if graph is not None else 0
@@ -273,8 +278,11 @@ def count_prior_on_inputs(model, recipe: TrainingRecipe, tokenizer: ItemTokenize
     target of the scored split is counted."""
     if recipe.transition_prior_counts != "inputs" or model.transition_prior is None:
         return
-    histories = [tokenizer.convert_items_to_ids(items) for items in split["item_ids"]]
-    count_transition_prior(model, recipe, tokenizer, histories)
+    count_transition_prior(model, recipe, tokenizer, _histories(tokenizer, split))
+
+
+def _histories(tokenizer: ItemTokenizer, split: datasets.Dataset) -> list[list[int]]:
+    return [tokenizer.convert_items_to_ids(items) for items in split["item_ids"]]
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -820,6 +828,7 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
             result["transition_prior_calibration"] = calibration
             logger.info("transition prior weights fitted on validation: %s", calibration["weights"])
         if stacked and recipe.transition_prior_counts == "inputs":  # ablation beside: the train-split counts
+            count_transition_prior(best, recipe, tokenizer, _histories(tokenizer, splits["train"]))
             result["test_prior_train_counts"] = evaluate(
                 model_score_fn(best),
                 splits["test"],

@@ -216,8 +216,9 @@ def test_recommend_is_the_same_for_any_chunk_size_on_a_100k_catalog():
         {"norm_style": "post", "filter_mix": 0.7, "filter_window": 3, "embedding_norm": True},
         {"use_time_bias": True, "use_time_gap_embedding": True, "position_embedding_type": "from_end"},
         {"item_graph_layers": 1, "item_graph_edges": 0},
+        {"use_position_bias": True},
     ],
-    ids=["pre-norm", "post-norm+filter", "time-aware", "item-graph"],
+    ids=["pre-norm", "post-norm+filter", "time-aware", "item-graph", "position-bias"],
 )
 def test_unpadded_training_matches_the_padded_layout(overrides):
     """Dropout off, so both layouts compute the same function: outputs at real events, loss and every gradient."""
@@ -288,7 +289,7 @@ def test_cpu_loss_chunks_are_cache_sized_within_the_bounds():
     assert loss_chunk_rows(4096, 18357, "cuda") == 4096  # GPUs: few large kernels
 
 
-@pytest.mark.parametrize("chunk", [7, 64, 4096])
+@pytest.mark.parametrize("chunk", [7, 64, 100])  # 150 rows: every size gives several chunks
 def test_loss_and_gradients_do_not_depend_on_the_chunk_size(chunk):
     torch.manual_seed(0)
     hidden = torch.randn(5, 30, 16)

@@ -386,6 +386,11 @@ def test_prior_counted_on_the_inputs_of_the_split_scored(tmp_path):
     # the test inputs end with the validation item, and nothing after it: the test targets are never counted
     test = splits["test"]
     assert all(items[-1] == target for items, target in zip(test["item_ids"], splits["validation"]["target"]))
-    assert "validation item" in (tmp_path / "inputs" / "README.md").read_text()
+    card = (tmp_path / "inputs" / "README.md").read_text()
+    assert "plus every user's validation item" in card and "must not be scored on the validation split" in card
+    best = SeqRecForNextItemPrediction.from_pretrained(tmp_path / "inputs" / "best_model")  # train counts kept
+    assert torch.equal(best.transition_prior.value, plain_model.transition_prior.value)
     with pytest.raises(ValueError, match="transition_prior_counts"):
         load_recipe(None, {"transition_prior_counts": "test"})
+    with pytest.raises(ValueError, match="leave_one_out"):
+        load_recipe(None, {"transition_prior_counts": "inputs", "split": "temporal", "temporal_cutoff": 10})
