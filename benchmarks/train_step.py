@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,6 +32,9 @@ from seqrec_hf import modeling_seqrec  # noqa: E402
 from seqrec_hf.data import SeqRecCollator  # noqa: E402
 from seqrec_hf.train import build_model, load_recipe, prepare_data, training_loader  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import cpu_name, git_commit  # noqa: E402
+
 # name -> (unpad_training, cache-sized CPU loss chunks)
 VARIANTS = {
     "before (padded encoder, 4096-position loss chunks)": (False, False),
@@ -41,25 +42,6 @@ VARIANTS = {
     "cache-sized loss chunks": (False, True),
     "both (current default)": (True, True),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
-        return commit.strip() + (" + uncommitted changes" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def step(model, optimizer, batch) -> None:

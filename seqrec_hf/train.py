@@ -271,11 +271,11 @@ def count_transition_prior(model, recipe: TrainingRecipe, tokenizer: ItemTokeniz
 
 
 def count_prior_on_inputs(model, recipe: TrainingRecipe, tokenizer: ItemTokenizer, split: datasets.Dataset) -> None:
-    """With `transition_prior_counts='inputs'`, count the stacked prior on the input histories of the split
-    about to be scored. Under leave-one-out the validation inputs are the train split (nothing changes), and
-    the test inputs add each user's validation item: the prior then holds every user's latest transition at
-    test time as it does at validation, as a served model counting all known events would. Inputs only: no
-    target of the scored split is counted."""
+    """With `transition_prior_counts='inputs'`, count the stacked prior on the input histories of `split`
+    (the test split: `finish` calls it). Under leave-one-out, which the setting requires, the validation
+    inputs are the train split, so validation is scored with the train counts already; the test inputs add
+    each user's validation item: the prior then holds every user's latest transition at test time as it does
+    at validation, as a served model counting all known events would. Inputs only: no target is counted."""
     if recipe.transition_prior_counts != "inputs" or model.transition_prior is None:
         return
     count_transition_prior(model, recipe, tokenizer, _histories(tokenizer, split))
@@ -807,56 +807,38 @@ def finish(accelerator, recipe, tokenizer, splits, state) -> dict[str, Any]:
         best_dir = output_dir / "best_model"
         if not best_dir.is_dir():
             raise RuntimeError(f"no validated model in {best_dir}: training ran no validation")
-        best = SeqRecForNextItemPrediction.from_pretrained(best_dir).to(accelerator.device)
+        best = SeqRecForNextItemPrediction.from_pretrained(best_dir).to(accelerator.device)  # train-split counts
+
+        def score(split: str, show_progress: bool = False) -> dict[str, float]:  # fp32, as every evaluation
+            return evaluate(
+                model_score_fn(best),
+                splits[split],
+                tokenizer,
+                batch_size=recipe.eval_batch_size,
+                max_length=recipe.max_length,
+                show_progress=show_progress,
+            )
+
         validation = _best_validation(output_dir / "train_log.jsonl", state["best_step"])
         stacked = best.transition_prior is not None and not recipe.transition_prior_in_loss
-        count_prior_on_inputs(best, recipe, tokenizer, splits["validation"])
         if stacked and recipe.calibrate_transition_prior:  # jointly trained weights are kept as learned
             # stacking: the lag weights are fitted on held-out rows (validation), never on test
             calibration = calibrate_transition_prior(
                 best, splits["validation"], tokenizer, batch_size=recipe.eval_batch_size, max_length=recipe.max_length
             )
             result["validation_at_selection"] = validation
-            validation = evaluate(
-                model_score_fn(best),
-                splits["validation"],
-                tokenizer,
-                batch_size=recipe.eval_batch_size,
-                max_length=recipe.max_length,
-                show_progress=False,
-            )
+            validation = score("validation")
             result["transition_prior_calibration"] = calibration
             logger.info("transition prior weights fitted on validation: %s", calibration["weights"])
-        if stacked and recipe.transition_prior_counts == "inputs":  # ablation beside: the train-split counts
-            count_transition_prior(best, recipe, tokenizer, _histories(tokenizer, splits["train"]))
-            result["test_prior_train_counts"] = evaluate(
-                model_score_fn(best),
-                splits["test"],
-                tokenizer,
-                batch_size=recipe.eval_batch_size,
-                max_length=recipe.max_length,
-                show_progress=False,
-            )
-        count_prior_on_inputs(best, recipe, tokenizer, splits["test"])  # saved so: the served model's counts
-        test = evaluate(
-            model_score_fn(best),
-            splits["test"],
-            tokenizer,
-            batch_size=recipe.eval_batch_size,
-            max_length=recipe.max_length,
-        )  # fp32, as every evaluation (see run_evaluation)
+        if stacked and recipe.transition_prior_counts == "inputs":
+            result["test_prior_train_counts"] = score("test")  # ablation beside: the counts of best_model
+            count_prior_on_inputs(best, recipe, tokenizer, splits["test"])  # saved so: the served model's counts
+        test = score("test", show_progress=True)
         if best.transition_prior is not None:  # ablation, reported beside (the prior was chosen on validation)
             fitted = best.transition_prior.weight.detach().clone()
             with torch.no_grad():
                 best.transition_prior.weight.zero_()
-            result["test_network_only"] = evaluate(
-                model_score_fn(best),
-                splits["test"],
-                tokenizer,
-                batch_size=recipe.eval_batch_size,
-                max_length=recipe.max_length,
-                show_progress=False,
-            )
+            result["test_network_only"] = score("test")
             with torch.no_grad():
                 best.transition_prior.weight.copy_(fitted)
         seconds = state["train_seconds"]
