@@ -72,7 +72,7 @@ def refinish(run_dir: str | Path, overrides: dict | None = None) -> dict:
         changed = dataclasses.asdict(recipe) | overrides
         recipe = load_recipe(None, changed)  # checked and typed as a recipe file would be
     splits, tokenizer, _ = prepare_data(recipe, tokenizer)
-    if set(overrides) - {"transition_prior_counts"}:  # the tables change; where they are counted is finish()'s
+    if set(overrides or ()) - {"transition_prior_counts"}:  # the tables change; where they are counted is finish()'s
         swap_prior(run_dir / "best_model", recipe, tokenizer, splits["train"])
     AcceleratorState._reset_state()  # one Accelerator per run, as train() does
     return finish(Accelerator(cpu=True), recipe, tokenizer, splits, state)

@@ -218,6 +218,7 @@ def test_refinish_redoes_the_end_of_a_finished_run(tmp_path):
     assert redone["test"] == result["test"]  # same weights, same code: the same numbers again
     assert redone["transition_prior_calibration"]["weights"] == result["transition_prior_calibration"]["weights"]
     assert redone["best_step"] == result["best_step"]
+    assert refinish.refinish(tmp_path)["test"] == result["test"]  # the API's default: no overrides
 
 
 def test_refinish_set_adds_recent_popularity_around_the_same_network(tmp_path):
