@@ -123,6 +123,13 @@ class SeqRecConfig(PreTrainedConfig):
             written the same day), so the next few events are all evidence of what comes next. Evaluation
             still scores the next event only. 1: plain next-item loss.
         target_window_decay: Weight ratio between consecutive events of the target window, in (0, 1].
+        contrastive_weight: Add this times a contrastive term to the training loss (DuoRec/CL4SRec's
+            unsupervised "model augmentation"; 0: off). Each training row is encoded a second time with
+            fresh dropout; the two representations of a row at its last target position are the positive
+            pair, the batch's other rows are the negatives (NT-Xent over dot products). It spreads the user
+            representations apart (against the collapse toward popular items) at the cost of one more encoder
+            pass; the output layer is still scored once.
+        contrastive_temperature: The contrastive term's softmax temperature (dot products are divided by it).
         num_negatives: Uniform negatives per batch for `sampled_softmax` and `gbce` (shared by all positions).
         in_batch_negatives: `sampled_softmax` also uses the batch's other targets as negatives (mixed negatives).
         gbce_t: gBCE calibration parameter t in [0, 1] (1 = fully calibrated to the full softmax).
@@ -180,6 +187,8 @@ class SeqRecConfig(PreTrainedConfig):
     label_smoothing: float = 0.0
     target_window: int = 1
     target_window_decay: float = 0.5
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 1.0
     num_negatives: int = 256
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
@@ -294,6 +303,12 @@ class SeqRecConfig(PreTrainedConfig):
             raise ValueError(f"SeqRecConfig.gbce_t must be in [0, 1], got {self.gbce_t!r}")
         if self.loss_exclude_history and self.loss_type != "full_ce":
             raise ValueError("SeqRecConfig.loss_exclude_history is implemented for loss_type='full_ce' only")
+        if not _is_number(self.contrastive_weight) or self.contrastive_weight < 0:
+            raise ValueError(f"SeqRecConfig.contrastive_weight must be a number >= 0, got {self.contrastive_weight!r}")
+        if not _is_number(self.contrastive_temperature) or self.contrastive_temperature <= 0:
+            raise ValueError(
+                f"SeqRecConfig.contrastive_temperature must be a number > 0, got {self.contrastive_temperature!r}"
+            )
         if self.label_smoothing and self.loss_type != "full_ce":
             raise ValueError("SeqRecConfig.label_smoothing is implemented for loss_type='full_ce' only")
         if self.target_window > 1 and self.loss_type != "full_ce":

@@ -1082,6 +1082,20 @@ def next_item_loss(
     return total / num
 
 
+def contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """NT-Xent (SimCLR; as DuoRec and CL4SRec use it) between two views (N, d) of the same N rows: row i of
+    one view must pick row i of the other among the 2N - 1 other vectors of both views, by dot product over
+    `temperature`. Averaged over the 2N anchors; 0 when N < 2 (no negatives)."""
+    num = view_a.shape[0]
+    if num < 2:
+        return view_a.sum() * 0.0
+    both = torch.cat([view_a, view_b]).float()  # (2N, d)
+    sims = both @ both.t() / temperature
+    sims = sims.masked_fill(torch.eye(2 * num, dtype=torch.bool, device=sims.device), float("-inf"))
+    partner = torch.cat([torch.arange(num, 2 * num), torch.arange(num)]).to(sims.device)
+    return F.cross_entropy(sims, partner)
+
+
 def _sampled_loss_sum(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -1254,6 +1268,17 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 bias_index=bias[0],
                 bias_value=bias[1],
             )
+            if self.training and self.config.contrastive_weight > 0:
+                second = self.model(
+                    input_ids,
+                    attention_mask=attention_mask,
+                    timestamps=timestamps,
+                    query_timestamps=query_timestamps,
+                    item_table=table if self.config.tie_word_embeddings else None,
+                ).last_hidden_state
+                loss = loss + self.config.contrastive_weight * self._contrastive_term(
+                    hidden_states, second, labels, attention_mask
+                )
         if logits_to_keep is None:
             logits_to_keep = 0 if labels is None else -1
         logits = None
@@ -1274,6 +1299,20 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
             last_hidden_state=hidden_states,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+    def _contrastive_term(
+        self, first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`contrastive_loss` between two dropout passes at each row's last position that predicts a target
+        (the one before the last event for sequence labels, the last one for one-target prefix rows)."""
+        position = -2 if labels.dim() == 2 else -1
+        if first.shape[1] < -position:  # a one-event batch has no position that predicts a later event
+            return first.sum() * 0.0
+        target = labels[:, -1] if labels.dim() == 2 else labels
+        keep = (target >= self.config.num_special_tokens) & attention_mask[:, position].bool()
+        return contrastive_loss(
+            first[:, position][keep], second[:, position][keep], self.config.contrastive_temperature
         )
 
     @torch.no_grad()
@@ -1367,6 +1406,7 @@ __all__ = [
     "SeqRecPreTrainedModel",
     "next_item_loss",
     "bucketize_gaps",
+    "contrastive_loss",
     "query_times",
     "time_gap_buckets",
 ]

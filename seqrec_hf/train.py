@@ -132,6 +132,10 @@ class TrainingRecipe:
     label_smoothing: float = field(default=0.0, metadata={"help": "Full CE label smoothing over the catalog."})
     target_window: int = field(default=1, metadata={"help": "Full CE: learn the next k events, not just one."})
     target_window_decay: float = field(default=0.5, metadata={"help": "Weight ratio of consecutive targets."})
+    contrastive_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the two-dropout-views contrastive term (DuoRec; 0: off)."}
+    )
+    contrastive_temperature: float = field(default=1.0, metadata={"help": "Temperature of the contrastive term."})
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
