@@ -126,10 +126,10 @@ class SeqRecConfig(PreTrainedConfig):
         contrastive_weight: Add this times a contrastive term to the training loss (DuoRec/CL4SRec's
             unsupervised "model augmentation"; 0: off). Each training row is encoded a second time with
             fresh dropout; the two representations of a row at its last target position are the positive
-            pair, the batch's other rows are the negatives (NT-Xent over dot products). It spreads the user
+            pair, the batch's other rows are the negatives (NT-Xent over cosine similarities). It spreads the user
             representations apart (against the collapse toward popular items) at the cost of one more encoder
             pass; the output layer is still scored once.
-        contrastive_temperature: The contrastive term's softmax temperature (dot products are divided by it).
+        contrastive_temperature: The contrastive term's softmax temperature (cosine similarities are divided by it).
         num_negatives: Uniform negatives per batch for `sampled_softmax` and `gbce` (shared by all positions).
         in_batch_negatives: `sampled_softmax` also uses the batch's other targets as negatives (mixed negatives).
         gbce_t: gBCE calibration parameter t in [0, 1] (1 = fully calibrated to the full softmax).
@@ -188,7 +188,7 @@ class SeqRecConfig(PreTrainedConfig):
     target_window: int = 1
     target_window_decay: float = 0.5
     contrastive_weight: float = 0.0
-    contrastive_temperature: float = 1.0
+    contrastive_temperature: float = 0.2
     num_negatives: int = 256
     in_batch_negatives: bool = True
     gbce_t: float = 0.75

@@ -1083,13 +1083,15 @@ def next_item_loss(
 
 
 def contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """NT-Xent (SimCLR; as DuoRec and CL4SRec use it) between two views (N, d) of the same N rows: row i of
-    one view must pick row i of the other among the 2N - 1 other vectors of both views, by dot product over
-    `temperature`. Averaged over the 2N anchors; 0 when N < 2 (no negatives)."""
+    """NT-Xent (SimCLR, SimCSE) between two views (N, d) of the same N rows: row i of one view must pick row
+    i of the other among the 2N - 1 other vectors of both views, by cosine similarity over `temperature`.
+    Averaged over the 2N anchors; 0 when N < 2 (no negatives). Cosine, not DuoRec's dot product: on Beauty
+    the dot product (temperature 1) slowed the next-item loss so much that early stopping ended the run at
+    epoch 8 (docs/quality.md)."""
     num = view_a.shape[0]
     if num < 2:
         return view_a.sum() * 0.0
-    both = torch.cat([view_a, view_b]).float()  # (2N, d)
+    both = F.normalize(torch.cat([view_a, view_b]).float(), dim=-1, eps=1e-6)  # (2N, d) unit vectors
     sims = both @ both.t() / temperature
     sims = sims.masked_fill(torch.eye(2 * num, dtype=torch.bool, device=sims.device), float("-inf"))
     partner = torch.cat([torch.arange(num, 2 * num), torch.arange(num)]).to(sims.device)

@@ -135,7 +135,7 @@ class TrainingRecipe:
     contrastive_weight: float = field(
         default=0.0, metadata={"help": "Weight of the two-dropout-views contrastive term (DuoRec; 0: off)."}
     )
-    contrastive_temperature: float = field(default=1.0, metadata={"help": "Temperature of the contrastive term."})
+    contrastive_temperature: float = field(default=0.2, metadata={"help": "Temperature of the contrastive term."})
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
     in_batch_negatives: bool = True
     gbce_t: float = 0.75

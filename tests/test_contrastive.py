@@ -14,7 +14,7 @@ from seqrec_hf.modeling_seqrec import contrastive_loss
 
 
 def reference_nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> float:
-    vectors = [*a, *b]
+    vectors = [v / v.norm() for v in [*a, *b]]
     n = a.shape[0]
     total = 0.0
     for i, anchor in enumerate(vectors):
@@ -69,7 +69,7 @@ def test_term_uses_two_dropout_views_and_trains():
     torch.manual_seed(5)
     total = with_term(ids, attention_mask=mask, labels=labels)
     states = base.last_hidden_state[:, -2][torch.tensor([True, True, False, True])].detach()
-    same_view = reference_nt_xent(states, states, 1.0)
+    same_view = reference_nt_xent(states, states, 0.2)
     term = total.loss.item() - base.loss.item()
     assert term > 0 and term != pytest.approx(same_view, rel=1e-3)  # the second pass drew its own dropout
     total.loss.backward()
@@ -83,7 +83,7 @@ def test_prefix_rows_use_last_position():
     plain.train(), with_term.train()
     base = plain(ids, attention_mask=mask, labels=targets)
     states = base.last_hidden_state[:, -1].detach()  # every row's last event is real
-    expected = base.loss.item() + reference_nt_xent(states, states, 1.0)
+    expected = base.loss.item() + reference_nt_xent(states, states, 0.2)
     assert with_term(ids, attention_mask=mask, labels=targets).loss.item() == pytest.approx(expected, rel=1e-5)
 
 
