@@ -1,6 +1,6 @@
 """Seconds per training step of the quality recipes, with and without the two CPU fast paths of the loss and
 encoder: training on real events only (`unpad_training`) and cache-sized loss chunks
-(`CPU_CACHE_LOGITS_PER_CHUNK`). One command:
+(`CPU_CACHE_LOGITS_PER_CHUNK`), and what the optional contrastive term (`contrastive_weight`) adds. One command:
 
     .venv/bin/python benchmarks/train_step.py                       # beauty + sports, 1 thread, fp32
     .venv/bin/python benchmarks/train_step.py --recipes sports --threads 2 --rounds 5
@@ -35,12 +35,14 @@ from seqrec_hf.train import build_model, load_recipe, prepare_data, training_loa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import cpu_name, git_commit  # noqa: E402
 
-# name -> (unpad_training, cache-sized CPU loss chunks)
+# name -> (unpad_training, cache-sized CPU loss chunks, contrastive_weight); the last row prices the optional
+# contrastive term (its second encoder pass) on top of the defaults
 VARIANTS = {
-    "before (padded encoder, 4096-position loss chunks)": (False, False),
-    "unpadded encoder": (True, False),
-    "cache-sized loss chunks": (False, True),
-    "both (current default)": (True, True),
+    "before (padded encoder, 4096-position loss chunks)": (False, False, 0.0),
+    "unpadded encoder": (True, False, 0.0),
+    "cache-sized loss chunks": (False, True, 0.0),
+    "both (current default)": (True, True, 0.0),
+    "both + contrastive term (contrastive_weight > 0)": (True, True, 0.02),
 }
 
 
@@ -72,9 +74,10 @@ def bench_recipe(name: str, args) -> dict:
     seconds = {variant: [] for variant in VARIANTS}
     try:
         for round_index in range(args.rounds):
-            for variant, (unpad, cache) in VARIANTS.items():
+            for variant, (unpad, cache, contrastive) in VARIANTS.items():
                 model, optimizer = models[variant]
                 model.config.unpad_training = unpad
+                model.config.contrastive_weight = contrastive
                 # without the cache cap only the memory cap (MAX_LOGITS_PER_CHUNK) bounds a chunk, as before
                 modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK = default_cache if cache else 2**62
                 for batch in batches[: args.warmup] if round_index == 0 else []:
