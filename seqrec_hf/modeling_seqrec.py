@@ -1094,7 +1094,7 @@ def contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, temperature: fl
     both = F.normalize(torch.cat([view_a, view_b]).float(), dim=-1, eps=1e-6)  # (2N, d) unit vectors
     sims = both @ both.t() / temperature
     sims = sims.masked_fill(torch.eye(2 * num, dtype=torch.bool, device=sims.device), float("-inf"))
-    partner = torch.cat([torch.arange(num, 2 * num), torch.arange(num)]).to(sims.device)
+    partner = (torch.arange(2 * num, device=sims.device) + num) % (2 * num)  # row i <-> row i + N
     return F.cross_entropy(sims, partner)
 
 
@@ -1229,14 +1229,14 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 without `labels`, none with `labels` (training never materialises [B, T, catalog]).
         """
         table = self.model.item_table(self.item_head.weight) if self.model.item_graph is not None else None
-        outputs = self.model(
-            input_ids,
+        encoder_inputs = dict(  # the contrastive term encodes the same rows again
             attention_mask=attention_mask,
             timestamps=timestamps,
             query_timestamps=query_timestamps,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
             item_table=table if self.config.tie_word_embeddings else None,
+        )
+        outputs = self.model(
+            input_ids, output_hidden_states=output_hidden_states, output_attentions=output_attentions, **encoder_inputs
         )
         hidden_states = outputs.last_hidden_state
         output_weight = self.score_table(self.item_head.weight if table is None else table)
@@ -1271,13 +1271,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 bias_value=bias[1],
             )
             if self.training and self.config.contrastive_weight > 0:
-                second = self.model(
-                    input_ids,
-                    attention_mask=attention_mask,
-                    timestamps=timestamps,
-                    query_timestamps=query_timestamps,
-                    item_table=table if self.config.tie_word_embeddings else None,
-                ).last_hidden_state
+                second = self.model(input_ids, **encoder_inputs).last_hidden_state  # fresh dropout
                 loss = loss + self.config.contrastive_weight * self._contrastive_term(
                     hidden_states, second, labels, attention_mask
                 )
