@@ -123,6 +123,9 @@ class SeqRecConfig(PreTrainedConfig):
             written the same day), so the next few events are all evidence of what comes next. Evaluation
             still scores the next event only. 1: plain next-item loss.
         target_window_decay: Weight ratio between consecutive events of the target window, in (0, 1].
+        loss_recency_half_life: Full CE over sequences only: weight each target 0.5^(d / h), d the number of
+            targets after it in its training row, so the latest transitions of each history (the closest
+            in kind to the next, unseen one) count most; the loss is the weighted mean. 0: all equal.
         contrastive_weight: Add this times a contrastive term to the training loss (DuoRec/CL4SRec's
             unsupervised "model augmentation"; 0: off). Each training row is encoded a second time with
             fresh dropout; the two representations of a row at its last target position are the positive
@@ -187,6 +190,7 @@ class SeqRecConfig(PreTrainedConfig):
     label_smoothing: float = 0.0
     target_window: int = 1
     target_window_decay: float = 0.5
+    loss_recency_half_life: float = 0.0
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.2
     num_negatives: int = 256
@@ -316,6 +320,11 @@ class SeqRecConfig(PreTrainedConfig):
         decay = self.target_window_decay
         if not _is_number(decay) or not 0.0 < decay <= 1.0:
             raise ValueError(f"SeqRecConfig.target_window_decay must be in (0, 1], got {decay!r}")
+        half_life = self.loss_recency_half_life
+        if not _is_number(half_life) or half_life < 0:
+            raise ValueError(f"SeqRecConfig.loss_recency_half_life must be a number >= 0, got {half_life!r}")
+        if half_life and self.loss_type != "full_ce":
+            raise ValueError("SeqRecConfig.loss_recency_half_life is implemented for loss_type='full_ce' only")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"SeqRecConfig.loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:

@@ -782,6 +782,7 @@ class _FullCrossEntropy(torch.autograd.Function):
     checkpointing) and one (chunk, V) block is live at a time, so memory is O(chunk x catalog), never
     O(positions x catalog). Targets are (N, K) with weights (N, K) summing to 1 per row: a one-hot target is
     K = 1, soft targets over several items cost one gather more, not another pass over the catalog.
+    `row_weights` (N,) scales each row's whole term (its loss and gradient); None: every row 1.
     """
 
     @staticmethod
@@ -798,6 +799,7 @@ class _FullCrossEntropy(torch.autograd.Function):
         smoothing: float,
         bias_index,
         bias_value,
+        row_weights,
     ):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
@@ -807,6 +809,9 @@ class _FullCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             chunk_weights = (1.0 - smoothing) * target_weights[start : start + chunk_size]  # (c, K)
+            chunk_rows = None if row_weights is None else row_weights[start : start + chunk_size, None]  # (c, 1)
+            if chunk_rows is not None:
+                chunk_weights = chunk_weights * chunk_rows
             logits = (rows @ weight.t()).float()  # (c, V)
             if with_bias:  # sparse additive scores (transition prior): a few entries per row
                 chunk_bias = bias_index[start : start + chunk_size]
@@ -822,14 +827,22 @@ class _FullCrossEntropy(torch.autograd.Function):
             total -= (target_log_probs * chunk_weights).sum()
             if smoothing and history is None:  # the rest of the mass spread evenly over the catalog
                 share = smoothing / (log_probs.shape[1] - num_special)
-                total -= share * log_probs[:, num_special:].sum()
+                if chunk_rows is not None:
+                    share = share * chunk_rows  # (c, 1)
+                    total -= (share[:, 0] * log_probs[:, num_special:].sum(1)).sum()
+                else:
+                    total -= share * log_probs[:, num_special:].sum()
             elif smoothing:  # ... over each row's own candidates (finite logits)
                 candidates = torch.isfinite(log_probs)
                 share = smoothing / candidates.sum(1, keepdim=True)  # (c, 1)
+                if chunk_rows is not None:
+                    share = share * chunk_rows
                 total -= (log_probs.masked_fill(~candidates, 0.0) * share).sum()
             if not with_grads:
                 continue
             probs = log_probs.exp_()  # softmax, in place
+            if chunk_rows is not None:
+                probs.mul_(chunk_rows)  # a row's softmax mass is its weight
             probs.scatter_add_(1, chunk_targets, -chunk_weights)  # d loss / d logits = softmax - target mass
             if smoothing and history is None:
                 probs[:, num_special:] -= share
@@ -853,7 +866,7 @@ class _FullCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         grad_bias = None if grad_bias is None else grad_bias * grad_total
-        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None, None, None, grad_bias
+        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None, None, None, grad_bias, None
 
 
 def loss_chunk_rows(chunk_size: int, catalog_size: int, device_type: str) -> int:
@@ -876,6 +889,7 @@ def full_cross_entropy_sum(
     target_weights: torch.Tensor | None = None,
     bias_index: torch.Tensor | None = None,
     bias_value: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed full-catalog cross-entropy of the rows of `hidden` (N, d) against `targets`; special ids excluded.
 
@@ -887,6 +901,7 @@ def full_cross_entropy_sum(
     `history` (N, L): item ids also excluded from each row's softmax (pad with a special id), except the targets.
     `label_smoothing` eps: the target distribution is 1 - eps on the targets plus eps spread over the row's
     candidates (torch's `label_smoothing` restricted to the items that can be recommended).
+    `row_weights` (N,): each row's term is multiplied by its weight (None: all 1).
 
     Under autocast the matmuls run in the autocast dtype (bf16 on CPU), the softmax in fp32.
     """
@@ -915,6 +930,7 @@ def full_cross_entropy_sum(
             float(label_smoothing),
             bias_index,
             None if bias_value is None else bias_value.float(),
+            None if row_weights is None else row_weights.float(),
         )
 
 
@@ -994,6 +1010,7 @@ def next_item_loss(
     target_window_decay: float = 0.5,
     bias_index: torch.Tensor | None = None,
     bias_value: torch.Tensor | None = None,
+    recency_half_life: float = 0.0,
 ) -> torch.Tensor:
     """Next-item loss averaged over the real target positions.
 
@@ -1016,8 +1033,13 @@ def next_item_loss(
 
     bias_index/bias_value (B, T, E) (full CE only): sparse scores added to each position's logits (the
     transition prior), gathered with the positions.
+
+    recency_half_life h > 0 ((B, T) labels, full CE only): a weighted mean instead, the target d events
+    before its row's last target weighted 0.5^(d / h), so each history's latest transitions count most.
     """
-    weights = history = bias = None
+    weights = history = bias = row_weights = None
+    if recency_half_life and (loss_type != "full_ce" or labels.dim() == 1):
+        raise ValueError("recency_half_life needs loss_type='full_ce' and (batch, seq_len) labels")
     if bias_index is not None and loss_type != "full_ce":
         raise ValueError("the transition prior is implemented for loss_type='full_ce' only")
     if labels.dim() == 1:  # one target per row, after its last event (prefix rows): the last position predicts
@@ -1033,6 +1055,9 @@ def next_item_loss(
         shifted = labels[:, 1:]  # (B, T-1)
         keep = (shifted >= num_special_tokens) & attention_mask[:, :-1].bool()
         hidden, targets = hidden_states[:, :-1][keep], shifted[keep]  # (N, d), (N,)
+        if recency_half_life:  # d = real targets after this one in its row
+            after = keep.flip(1).cumsum(1).flip(1) - 1
+            row_weights = 0.5 ** (after[keep].float() / recency_half_life)
         if bias_index is not None:
             bias = bias_index[:, :-1][keep], bias_value[:, :-1][keep]
         if target_window > 1 and loss_type == "full_ce":
@@ -1062,8 +1087,9 @@ def next_item_loss(
             label_smoothing,
             weights,
             *(bias or (None, None)),
+            row_weights,
         )
-        return total / num
+        return total / (num if row_weights is None else row_weights.sum())
     if history_ids is not None:
         raise ValueError("excluding the history from the loss is implemented for loss_type='full_ce' only")
     if label_smoothing or target_window > 1:
@@ -1269,6 +1295,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 target_window_decay=self.config.target_window_decay,
                 bias_index=bias[0],
                 bias_value=bias[1],
+                recency_half_life=self.config.loss_recency_half_life,
             )
             if self.training and self.config.contrastive_weight > 0:
                 second = self.model(input_ids, **encoder_inputs).last_hidden_state  # fresh dropout

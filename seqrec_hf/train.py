@@ -132,6 +132,9 @@ class TrainingRecipe:
     label_smoothing: float = field(default=0.0, metadata={"help": "Full CE label smoothing over the catalog."})
     target_window: int = field(default=1, metadata={"help": "Full CE: learn the next k events, not just one."})
     target_window_decay: float = field(default=0.5, metadata={"help": "Weight ratio of consecutive targets."})
+    loss_recency_half_life: float = field(
+        default=0.0, metadata={"help": "Full CE: weight targets 0.5^(d/h), d targets before the row's last (0: off)."}
+    )
     contrastive_weight: float = field(
         default=0.0, metadata={"help": "Weight of the two-dropout-views contrastive term (DuoRec; 0: off)."}
     )
@@ -197,6 +200,8 @@ class TrainingRecipe:
             )
         if self.train_rows == "prefixes" and self.target_window > 1:
             raise ValueError("target_window > 1 needs train_rows='sequences' (a prefix row has one target)")
+        if self.train_rows == "prefixes" and self.loss_recency_half_life:
+            raise ValueError("loss_recency_half_life needs train_rows='sequences' (a prefix row has one target)")
         if self.transition_prior_counts not in ("train", "inputs"):
             raise ValueError(
                 f"transition_prior_counts must be 'train' or 'inputs', got {self.transition_prior_counts!r}"

@@ -372,6 +372,68 @@ def test_target_window_matches_reference(exclude_history):
     torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
 
 
+def recency_reference(model, batch, labels, half_life, exclude_history, smoothing):
+    """Loop over every (sequence, position): per-position CE (smoothed), weighted 0.5^(d / h), d = the real
+    targets after it in its sequence; the weighted mean."""
+    logits = model(**batch).logits.float()
+    special, ids = model.config.num_special_tokens, batch["input_ids"]
+    losses, weights = [], []
+    for b in range(ids.shape[0]):
+        kept = [t for t in range(ids.shape[1] - 1) if batch["attention_mask"][b, t] and labels[b, t + 1] >= special]
+        for i, t in enumerate(kept):
+            target = int(labels[b, t + 1])
+            row = logits[b, t].clone()
+            row[:special] = float("-inf")
+            if exclude_history:
+                value = row[target].clone()
+                row[ids[b, : t + 1]] = float("-inf")
+                row[target] = value
+            log_probs = torch.log_softmax(row, dim=0)
+            finite = torch.isfinite(log_probs)
+            uniform = -log_probs[finite].mean()
+            losses.append((1.0 - smoothing) * -log_probs[target] + smoothing * uniform)
+            weights.append(0.5 ** ((len(kept) - 1 - i) / half_life))
+    weights = torch.tensor(weights)
+    return (torch.stack(losses) * weights).sum() / weights.sum()
+
+
+@pytest.mark.parametrize("exclude_history,smoothing", [(False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)])
+def test_recency_weighted_loss_matches_reference(exclude_history, smoothing):
+    model = make_model(
+        loss_chunk_size=4,
+        loss_exclude_history=exclude_history,
+        label_smoothing=smoothing,
+        loss_recency_half_life=2.0,
+    )
+    batch = random_batch(batch=3, length=8, vocab=12)
+    batch["input_ids"][1, :4] = 0
+    batch["attention_mask"][1, :4] = 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[2, 5] = -100  # an ignored target: not counted among the ones after it
+    out = model(**batch, labels=labels)
+    expected = recency_reference(model, batch, labels, 2.0, exclude_history, smoothing)
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.allclose(out.loss, recency_reference(model, batch, labels, 1e9, exclude_history, smoothing))
+    out.loss.backward()
+    grad = model.model.embed_items.weight.grad.clone()
+    model.zero_grad()
+    recency_reference(model, batch, labels, 2.0, exclude_history, smoothing).backward()
+    torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
+
+
+def test_recency_half_life_is_checked():
+    from seqrec_hf import SeqRecConfig
+
+    with pytest.raises(ValueError, match="loss_recency_half_life"):
+        SeqRecConfig(loss_recency_half_life=-1.0)
+    with pytest.raises(ValueError, match="loss_recency_half_life"):
+        SeqRecConfig(loss_recency_half_life=4.0, loss_type="gbce")
+    model = make_model(loss_recency_half_life=4.0)
+    batch = random_batch(batch=2, length=6)
+    with pytest.raises(ValueError, match="recency_half_life"):  # one label per row (prefix rows)
+        model(**batch, labels=batch["input_ids"][:, -1])
+
+
 def test_target_window_of_one_is_the_next_item_loss():
     batch = random_batch(batch=2, length=6)
     labels = batch["input_ids"].clone()

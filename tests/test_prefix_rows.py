@@ -122,6 +122,9 @@ def test_prefix_recipe_prepares_one_row_per_target():
         load_recipe(None, {"train_rows": "prefixes", "sliding_window_stride": 3})
     with pytest.raises(ValueError, match="train_rows"):
         load_recipe(None, {"train_rows": "windows"})
+    for field, value in (("target_window", 3), ("loss_recency_half_life", 4.0)):  # need a target per position
+        with pytest.raises(ValueError, match=field):
+            load_recipe(None, {"train_rows": "prefixes", field: value})
 
 
 def test_training_on_prefix_rows_with_grouped_batches_runs_and_learns(tmp_path):
