@@ -297,6 +297,7 @@ def render_model_card(
         "transition_prior_recent_window",
         "transition_prior_counts",
         "score_norm",
+        "tie_word_embeddings",
         "use_time_bias",
         "use_time_gap_embedding",
         "time_num_buckets",

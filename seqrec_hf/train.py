@@ -124,6 +124,9 @@ class TrainingRecipe:
     )
     score_norm: bool = field(default=False, metadata={"help": "Cosine scores over score_temperature."})
     score_temperature: float = 0.05
+    tie_word_embeddings: bool = field(
+        default=True, metadata={"help": "Score items with the input item embeddings (False: a separate output layer)."}
+    )
     use_time_bias: bool = False
     use_time_gap_embedding: bool = False
     time_num_buckets: int = 32

@@ -142,3 +142,24 @@ def test_pipeline_time_blind_model_string_input(tmp_path, tokenizer):
     assert all(isinstance(r["item"], str) and isinstance(r["score"], float) for r in out[0])
     scores = [r["score"] for r in out[0]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_untied_output_layer_trains_saves_and_loads_separately(tmp_path, tokenizer):
+    """tie_word_embeddings=False gives a separate output layer: its own parameter, its own gradient, saved and
+    loaded under its own name (a wrong tie on load would score with the input embeddings)."""
+    model = make_model(vocab_size=len(tokenizer), tie_word_embeddings=False)
+    head, embed = model.item_head.weight, model.model.embed_items.weight
+    assert head.data_ptr() != embed.data_ptr()
+    inputs = encode(tokenizer)
+    labels = inputs["input_ids"].roll(-1, dims=1)
+    model(**inputs, labels=labels).loss.backward()
+    assert head.grad is not None and embed.grad is not None and not torch.equal(head.grad, embed.grad)
+    with torch.no_grad():
+        head.normal_()
+    model.eval()
+    expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = SeqRecForNextItemPrediction.from_pretrained(tmp_path).eval()
+    assert loaded.config.tie_word_embeddings is False
+    assert not torch.equal(loaded.item_head.weight, loaded.model.embed_items.weight)
+    assert torch.equal(loaded(**inputs).logits, expected)
