@@ -133,16 +133,14 @@ class SeqRecAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, seq_len, _ = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        """(B, H, T, hd) heads -> (B, T, H, hd) through the configured attention backend (eager, sdpa, ...)."""
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, attn_weights = attention_interface(
+        return attention_interface(
             self,
             query,
             key,
@@ -151,6 +149,14 @@ class SeqRecAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        attn_output, attn_weights = self._attend(query, key, value, attention_mask)
         attn_output = attn_output.reshape(batch, seq_len, -1)
         return self.o_proj(attn_output), attn_weights
 
@@ -162,18 +168,7 @@ class SeqRecAttention(nn.Module):
         qkv = packing.pad(self.qkv_proj(hidden_states))  # (B, T, 3d), zeros at padding
         batch, seq_len, _ = qkv.shape
         query, key, value = qkv.view(batch, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask.to(query.dtype),
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-        )
+        attn_output, _ = self._attend(query, key, value, attention_mask)
         return self.o_proj(packing.unpad(attn_output.reshape(batch, seq_len, -1)))
 
 

@@ -77,6 +77,17 @@ IDS = torch.tensor([[0, 0, 2, 3, 4], [3, 4, 6, 2, 3], [0, 7, 3, 4, 8]])
 MASK = (IDS != 0).long()
 
 
+def assert_recommend_and_export_match(model, brute, chunk_size):
+    """`recommend()` and its `torch.export` program both return the top 4 of the brute-force scores."""
+    items, scores = model.recommend(input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
+    torch.testing.assert_close(scores, brute.topk(4).values)
+    assert torch.equal(items, brute.topk(4).indices)
+    program = export_for_serving(model, input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
+    got_items, got_scores = program(input_ids=IDS, attention_mask=MASK)
+    assert torch.equal(got_items, items)
+    torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+
+
 def test_reverse_table_holds_the_most_frequent_predecessors():
     index, value = build_transition_prior(HISTORIES, vocab_size=12, num_special=2, lags=2, size=2, reverse=True)
     forward = build_transition_prior(HISTORIES, vocab_size=12, num_special=2, lags=2, size=2)
@@ -192,13 +203,7 @@ def test_recommend_and_the_export_rank_with_the_prior(chunk_size, reverse):
     brute = hidden @ model.item_head.weight.t() + dense_prior(model, IDS, MASK)[:, -1]
     brute[:, :2] = float("-inf")
     brute = brute.scatter(1, IDS, float("-inf"))  # history excluded (padding 0 is special anyway)
-    items, scores = model.recommend(input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
-    torch.testing.assert_close(scores, brute.topk(4).values)
-    assert torch.equal(items, brute.topk(4).indices)
-    program = export_for_serving(model, input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
-    got_items, got_scores = program(input_ids=IDS, attention_mask=MASK)
-    assert torch.equal(got_items, items)
-    torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+    assert_recommend_and_export_match(model, brute, chunk_size)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -318,13 +323,7 @@ def test_recent_popularity_is_added_to_logits_recommend_and_the_export(chunk_siz
     brute = expected[:, -1].clone()
     brute[:, :2] = float("-inf")
     brute = brute.scatter(1, IDS, float("-inf"))
-    items, scores = model.recommend(input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
-    torch.testing.assert_close(scores, brute.topk(4).values)
-    assert torch.equal(items, brute.topk(4).indices)
-    program = export_for_serving(model, input_ids=IDS, attention_mask=MASK, top_k=4, chunk_size=chunk_size)
-    got_items, got_scores = program(input_ids=IDS, attention_mask=MASK)
-    assert torch.equal(got_items, items)
-    torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+    assert_recommend_and_export_match(model, brute, chunk_size)
     model.save_pretrained(tmp_path)
     loaded = SeqRecForNextItemPrediction.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(input_ids=IDS, attention_mask=MASK).logits, expected)
