@@ -1006,6 +1006,7 @@ def next_item_loss(
     bias_index: torch.Tensor | None = None,
     bias_value: torch.Tensor | None = None,
     recency_half_life: float = 0.0,
+    soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Next-item loss averaged over the real target positions.
 
@@ -1031,8 +1032,14 @@ def next_item_loss(
 
     recency_half_life h > 0 ((B, T) labels, full CE only): a weighted mean instead, the target d events
     before its row's last target weighted 0.5^(d / h), so each history's latest transitions count most.
+
+    soft_targets (ids, weights), each (B, T, K) ((B, T) labels, full CE only): position t's target
+    distribution over K items, each position's weights summing to 1 (e.g. the true next item mixed with a
+    teacher's top items: distillation). Used at the positions `labels` marks as real targets, instead of them.
     """
     weights = history = bias = row_weights = None
+    if soft_targets is not None and (loss_type != "full_ce" or labels.dim() == 1 or target_window > 1):
+        raise ValueError("soft_targets need loss_type='full_ce', (batch, seq_len) labels and target_window=1")
     if recency_half_life and (loss_type != "full_ce" or labels.dim() == 1):
         raise ValueError("recency_half_life needs loss_type='full_ce' and (batch, seq_len) labels")
     if bias_index is not None and loss_type != "full_ce":
@@ -1063,6 +1070,8 @@ def next_item_loss(
             weights = decay * (future >= num_special_tokens)
             weights = weights / weights.sum(1, keepdim=True)  # column 0 is the next event: never empty
             targets = future.clamp(min=0)  # unused slots point at a special id with weight 0
+        if soft_targets is not None:
+            targets, weights = soft_targets[0][:, :-1][keep], soft_targets[1][:, :-1][keep]  # (N, K)
         if history_ids is not None and loss_type == "full_ce":
             seq_len = history_ids.shape[1]
             seen = torch.ones(seq_len - 1, seq_len, dtype=torch.bool, device=history_ids.device).tril()  # t sees <= t
@@ -1240,12 +1249,17 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
         logits_to_keep: int | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        target_ids: torch.LongTensor | None = None,
+        target_weights: torch.Tensor | None = None,
         **kwargs,
     ) -> NextItemPredictionOutput:
         r"""
         Args:
             labels: (B, T) next-item targets aligned with `input_ids` (usually `input_ids` with -100 at padding);
                 shifted by one inside, so position t is trained to predict labels[:, t + 1].
+            target_ids, target_weights: optional (B, T, K) soft targets of each position (weights summing to 1),
+                used in the loss instead of the one-hot labels at the positions `labels` marks as targets
+                (distillation; see `next_item_loss`).
             logits_to_keep: score only the last N positions (`1` for next-item scores). Default: every position
                 without `labels`, none with `labels` (training never materialises [B, T, catalog]).
         """
@@ -1291,6 +1305,7 @@ class SeqRecForNextItemPrediction(SeqRecPreTrainedModel):
                 bias_index=bias[0],
                 bias_value=bias[1],
                 recency_half_life=self.config.loss_recency_half_life,
+                soft_targets=None if target_ids is None else (target_ids, target_weights),
             )
             if self.training and self.config.contrastive_weight > 0:
                 second = self.model(input_ids, **encoder_inputs).last_hidden_state  # fresh dropout

@@ -142,6 +142,13 @@ class TrainingRecipe:
         default=0.0, metadata={"help": "Weight of the two-dropout-views contrastive term (DuoRec; 0: off)."}
     )
     contrastive_temperature: float = field(default=0.2, metadata={"help": "Temperature of the contrastive term."})
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated trained model folders: distil their averaged predictions (None: off)."},
+    )
+    distill_weight: float = field(default=0.5, metadata={"help": "Target mass on the teachers' distribution."})
+    distill_top_k: int = field(default=32, metadata={"help": "Teacher items kept per position (renormalised)."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the teachers' softmax."})
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
@@ -205,6 +212,17 @@ class TrainingRecipe:
             raise ValueError("target_window > 1 needs train_rows='sequences' (a prefix row has one target)")
         if self.train_rows == "prefixes" and self.loss_recency_half_life:
             raise ValueError("loss_recency_half_life needs train_rows='sequences' (a prefix row has one target)")
+        if self.distill_from:
+            if self.train_rows != "sequences" or self.target_window > 1 or self.loss_type != "full_ce":
+                raise ValueError(
+                    "distill_from needs train_rows='sequences', target_window=1 and loss_type='full_ce'"
+                    " (soft targets at every position of the full softmax)"
+                )
+            if not 0.0 < self.distill_weight <= 1.0 or self.distill_top_k < 1 or self.distill_temperature <= 0:
+                raise ValueError(
+                    "distill_weight must be in (0, 1], distill_top_k >= 1 and distill_temperature > 0, got"
+                    f" {self.distill_weight!r}, {self.distill_top_k!r}, {self.distill_temperature!r}"
+                )
         if self.transition_prior_counts not in ("train", "inputs"):
             raise ValueError(
                 f"transition_prior_counts must be 'train' or 'inputs', got {self.transition_prior_counts!r}"
@@ -461,6 +479,71 @@ def training_loader(recipe: TrainingRecipe, train_rows: datasets.Dataset, collat
 STATE_FILE = "trainer_state.json"
 
 
+class TeacherEnsemble:
+    """Soft targets for distillation: the averaged log-probabilities of trained networks at every position.
+
+    Each position's target becomes `(1 - distill_weight)` on the true next item plus `distill_weight` spread
+    over the teachers' `distill_top_k` most likely items (their softmax at `distill_temperature`,
+    renormalised over those items), so the student learns which other items the teachers find plausible.
+    The teachers score with their networks only (a stacked prior is the student's own, fitted after
+    training), in eval mode, on the same batch the student reads; they must share the student's vocabulary.
+    """
+
+    def __init__(self, recipe: TrainingRecipe, tokenizer: ItemTokenizer, device: torch.device):
+        folders = [part.strip() for part in (recipe.distill_from or "").split(",") if part.strip()]
+        if not folders:
+            raise ValueError("distill_from: no teacher folder given")
+        self.models = []
+        for folder in folders:
+            if not (Path(folder) / "config.json").is_file():
+                raise FileNotFoundError(f"distill_from: {folder} is not a saved model folder (no config.json)")
+            teacher_vocab = ItemTokenizer.from_pretrained(folder).get_vocab()
+            if teacher_vocab != tokenizer.get_vocab():
+                raise ValueError(
+                    f"distill_from: {folder} has another item vocabulary than this run's data"
+                    f" ({len(teacher_vocab)} vs {len(tokenizer)} ids): teachers must be trained on the same data"
+                )
+            model = SeqRecForNextItemPrediction.from_pretrained(folder).to(device).eval()
+            model.requires_grad_(False)
+            if model.transition_prior is not None:
+                model.transition_prior.weight.zero_()  # the network's own scores
+            self.models.append(model)
+        self.weight, self.top_k = recipe.distill_weight, recipe.distill_top_k
+        self.temperature = recipe.distill_temperature
+        self.num_special = tokenizer.num_special_tokens
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch plus `target_ids`/`target_weights` (B, T, 1 + top_k): column 0 is the true next item.
+
+        Only the positions with a target are scored. The mean of the teachers' log-softmax differs from the
+        mean of their logits by one constant per position, which neither the top items nor their softmax
+        renormalised over those items depend on: so one matmul over the concatenated teachers suffices."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "timestamps", "query_timestamps") if k in batch}
+        labels = batch["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = (labels[:, 1:] >= self.num_special) & batch["attention_mask"][:, :-1].bool()
+        states, tables = [], []
+        for model in self.models:  # the network part of SeqRecForNextItemPrediction.forward, at the kept positions
+            graph = model.model.item_table(model.item_head.weight) if model.model.item_graph is not None else None
+            table = graph if model.config.tie_word_embeddings else None
+            hidden = model.model(**inputs, item_table=table).last_hidden_state
+            states.append(model.score_users(hidden[keep]))  # (N, d)
+            tables.append(model.score_table(model.item_head.weight if graph is None else graph))  # (V, d)
+        logits = torch.cat(states, -1) @ torch.cat(tables, -1).t() / (len(self.models) * self.temperature)
+        logits[:, : self.num_special] = float("-inf")  # never candidates
+        top = logits.float().topk(self.top_k, dim=-1)
+        next_item = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=0).clamp(min=0)  # position t -> t + 1
+        target_ids = next_item[..., None].repeat(1, 1, self.top_k + 1)
+        target_weights = torch.zeros(target_ids.shape, dtype=torch.float32, device=target_ids.device)
+        target_weights[..., 0] = 1.0  # positions without a target: ignored by the loss, still well-formed
+        target_ids[keep, 1:] = top.indices
+        target_weights[keep] = torch.cat(
+            [torch.full_like(top.values[:, :1], 1.0 - self.weight), self.weight * torch.softmax(top.values, -1)], -1
+        )
+        return {**batch, "target_ids": target_ids, "target_weights": target_weights}
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint (`checkpoints/step-N` with its state file), or None."""
     folder = Path(output_dir) / "checkpoints"
@@ -642,6 +725,7 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     average = WeightAverage(accelerator.unwrap_model(model), recipe.ema_decay) if recipe.ema_decay > 0 else None
+    teachers = TeacherEnsemble(recipe, tokenizer, accelerator.device) if recipe.distill_from else None
 
     state = {"global_step": 0, "epoch": 0, "best_ndcg": -1.0, "best_step": 0, "bad_evals": 0, "tokens": 0}
     state["train_seconds"] = 0.0
@@ -690,7 +774,7 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
         step_start = time.perf_counter()
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = model(**(teachers(batch) if teachers is not None else batch)).loss
                 mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # same on every process
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(_non_finite_message(mean_loss, state, output_dir, recipe))

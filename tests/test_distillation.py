@@ -1,0 +1,116 @@
+"""Distillation: soft targets in the full-CE loss, the teacher ensemble's targets, and a run that uses them."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, make_model
+from test_modeling import random_batch
+
+from seqrec_hf import ItemTokenizer
+from seqrec_hf.train import TeacherEnsemble, load_recipe, parse_overrides, train
+
+
+def soft_batch(model, batch_size=3, length=8, k=4, seed=3):
+    batch = random_batch(batch=batch_size, length=length, vocab=model.config.vocab_size)
+    batch["input_ids"][1, :3] = 0
+    batch["attention_mask"][1, :3] = 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (batch_size, length, k), generator=g)
+    ids[..., 1] = ids[..., 0]  # a repeated item: its weights add up
+    weights = torch.rand(batch_size, length, k, generator=g)
+    return batch, labels, ids, weights / weights.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("chunk", [2, 4096])
+def test_soft_targets_match_torch_cross_entropy(chunk):
+    model = make_model(loss_chunk_size=chunk)
+    batch, labels, ids, weights = soft_batch(model)
+    out = model(**batch, labels=labels, target_ids=ids, target_weights=weights)
+    special = model.config.num_special_tokens
+    logits = model(**batch).logits[:, :-1]
+    keep = (labels[:, 1:] >= special) & batch["attention_mask"][:, :-1].bool()
+    dense = torch.zeros(*logits.shape).scatter_add_(-1, ids[:, :-1], weights[:, :-1])[keep][:, special:]
+    expected = F.cross_entropy(logits[keep][:, special:], dense)
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.allclose(out.loss, model(**batch, labels=labels).loss)  # the soft targets were used
+    out.loss.backward()
+    grad = model.model.embed_items.weight.grad.clone()
+    model.zero_grad()
+    expected.backward()
+    torch.testing.assert_close(grad, model.model.embed_items.weight.grad)
+
+
+def test_soft_targets_are_checked():
+    model = make_model(loss_type="gbce")
+    batch, labels, ids, weights = soft_batch(model)
+    with pytest.raises(ValueError, match="soft_targets need loss_type='full_ce'"):
+        model.train()(**batch, labels=labels, target_ids=ids, target_weights=weights)
+
+
+def save_teacher(folder, seed, tokenizer):
+    model = make_model(vocab_size=len(tokenizer), seed=seed, transition_prior_lags=1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_teacher_ensemble_mixes_the_next_item_with_the_teachers_top_items(tmp_path):
+    tokenizer = ItemTokenizer.from_items([f"i{n}" for n in range(38)])
+    teachers = [save_teacher(tmp_path / f"t{seed}", seed, tokenizer) for seed in (0, 1)]
+    recipe = load_recipe(None, parse_overrides(
+        [f"distill_from={tmp_path / 't0'},{tmp_path / 't1'}", "distill_weight=0.4", "distill_top_k=5",
+         "distill_temperature=2.0"]
+    ))  # fmt: skip
+    ensemble = TeacherEnsemble(recipe, tokenizer, torch.device("cpu"))
+    batch = random_batch(batch=3, length=8, vocab=len(tokenizer))
+    batch["labels"] = batch["input_ids"].clone()
+    out = ensemble(batch)
+    assert out["target_ids"].shape == out["target_weights"].shape == (3, 8, 6)
+    torch.testing.assert_close(out["target_weights"].sum(-1), torch.ones(3, 8))
+    # the last position predicts nothing (no next event): its row is the (ignored) one-hot padding target
+    torch.testing.assert_close(out["target_weights"][:, -1, 0], torch.ones(3))
+    assert torch.equal(out["target_ids"][:, :-1, 0], batch["labels"][:, 1:])  # column 0: the true next item
+    torch.testing.assert_close(out["target_weights"][:, :-1, 0], torch.full((3, 7), 0.6))
+    # reference: the mean of the networks' log-softmax at temperature 2 (no prior), its top 5 renormalised
+    mean = 0
+    for teacher in teachers:
+        with torch.no_grad():
+            hidden = teacher.model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = teacher.score_users(hidden) @ teacher.score_table(teacher.item_head.weight).t()
+        logits[..., :2] = float("-inf")
+        mean = mean + torch.log_softmax(logits / 2.0, -1) / 2
+    top = torch.softmax(mean, -1).topk(5, dim=-1)
+    assert torch.equal(out["target_ids"][:, :-1, 1:], top.indices[:, :-1])
+    expected = 0.4 * top.values / top.values.sum(-1, keepdim=True)
+    torch.testing.assert_close(out["target_weights"][:, :-1, 1:], expected[:, :-1])
+
+
+def test_teachers_must_share_the_vocabulary(tmp_path):
+    save_teacher(tmp_path / "t", 0, ItemTokenizer.from_items([f"i{n}" for n in range(38)]))
+    recipe = load_recipe(None, parse_overrides([f"distill_from={tmp_path / 't'}"]))
+    with pytest.raises(ValueError, match="another item vocabulary"):
+        TeacherEnsemble(recipe, ItemTokenizer.from_items([f"j{n}" for n in range(38)]), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="not a saved model folder"):
+        TeacherEnsemble(load_recipe(None, {"distill_from": str(tmp_path)}), None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="distill_from needs train_rows='sequences'"):
+        load_recipe(None, parse_overrides([f"distill_from={tmp_path / 't'}", "train_rows=prefixes"]))
+    with pytest.raises(ValueError, match="distill_weight must be in"):
+        load_recipe(None, parse_overrides([f"distill_from={tmp_path / 't'}", "distill_weight=0"]))
+
+
+def test_training_distils_a_finished_run(tmp_path):
+    common = TINY + ["max_steps=12", "eval_every_steps=6"]
+    train(load_recipe(None, parse_overrides(common + [f"output_dir={tmp_path / 'teacher'}"])))
+    overrides = common + [f"output_dir={tmp_path / 'student'}", f"distill_from={tmp_path / 'teacher'}"]
+    metrics = train(load_recipe(None, parse_overrides(overrides)))
+    assert metrics["recipe"]["distill_from"] == str(tmp_path / "teacher")
+    assert 0.0 <= metrics["test"]["NDCG@10"] <= 1.0
+    plain = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    student_log = (tmp_path / "student" / "train_log.jsonl").read_text().splitlines()
+    teacher_log = (tmp_path / "teacher" / "train_log.jsonl").read_text().splitlines()
+    first = [json.loads(line)["loss"] for line in (student_log[0], teacher_log[0])]
+    assert first[0] != pytest.approx(first[1])  # same seed and data: only the soft targets differ
+    assert plain["recipe"]["distill_from"] is None
