@@ -274,6 +274,12 @@ def render_model_card(
         )
     if recipe.get("ema_decay"):
         architecture += f"; the weights are an exponential moving average (decay {recipe['ema_decay']})"
+    if recipe.get("distill_from"):
+        teachers = len([part for part in str(recipe["distill_from"]).split(",") if part.strip()])
+        architecture += (
+            f"; trained by distillation from {teachers} finished run(s) (target mass {recipe.get('distill_weight')}"
+            f" on their top {recipe.get('distill_top_k')} items, temperature {recipe.get('distill_temperature')})"
+        )
     hyper_names = (
         "max_length",
         "hidden_size",
@@ -318,6 +324,7 @@ def render_model_card(
         "max_steps",
         "early_stopping_patience",
         "sliding_window_stride",
+        "distill_from",
         "seed",
     )
     hyper = "\n".join(f"- `{k}`: {recipe[k]}" for k in hyper_names if recipe.get(k) is not None)

@@ -247,3 +247,13 @@ def test_card_architecture_line_follows_the_config():
     filtered = render_model_card(metrics, model_name="m", config=config)
     assert "post-norm blocks" in filtered
     assert "causal low-pass branch (weight 0.7, moving average over the last 10 events)" in filtered
+
+
+def test_card_says_when_a_model_was_distilled():
+    metrics = fake_metrics(use_time_bias=False)
+    assert "distillation" not in render_model_card(metrics, model_name="m", config={})
+    distill = dict(distill_from="runs/a, runs/b", distill_weight=0.5, distill_top_k=32, distill_temperature=1.0)
+    metrics["recipe"].update(distill)
+    card = render_model_card(metrics, model_name="m", config={})
+    assert "trained by distillation from 2 finished run(s) (target mass 0.5 on their top 32 items" in card
+    assert "- `distill_from`: runs/a, runs/b" in card
