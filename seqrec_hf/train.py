@@ -487,6 +487,8 @@ class TeacherEnsemble:
     renormalised over those items), so the student learns which other items the teachers find plausible.
     The teachers score with their networks only (a stacked prior is the student's own, fitted after
     training), in eval mode, on the same batch the student reads; they must share the student's vocabulary.
+    Each position's own history is left out of the teachers' distribution, as it is left out of the ranking:
+    trained networks put about half their mass on the item just read (Beauty), which is never a target there.
     """
 
     def __init__(self, recipe: TrainingRecipe, tokenizer: ItemTokenizer, device: torch.device):
@@ -532,6 +534,10 @@ class TeacherEnsemble:
             tables.append(model.score_table(model.item_head.weight if graph is None else graph))  # (V, d)
         logits = torch.cat(states, -1) @ torch.cat(tables, -1).t() / (len(self.models) * self.temperature)
         logits[:, : self.num_special] = float("-inf")  # never candidates
+        ids = batch["input_ids"]
+        seen = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()  # t sees <= t
+        history = ids[:, None, :].masked_fill(~seen, 0)[keep]  # (N, T); 0 is the padding id, never a candidate
+        logits.scatter_(1, history, float("-inf"))  # as evaluation: what a position has seen is not recommended
         top = logits.float().topk(self.top_k, dim=-1)
         next_item = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=0).clamp(min=0)  # position t -> t + 1
         target_ids = next_item[..., None].repeat(1, 1, self.top_k + 1)

@@ -81,9 +81,15 @@ def test_teacher_ensemble_mixes_the_next_item_with_the_teachers_top_items(tmp_pa
             hidden = teacher.model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             logits = teacher.score_users(hidden) @ teacher.score_table(teacher.item_head.weight).t()
         logits[..., :2] = float("-inf")
+        for b in range(3):
+            for t in range(8):
+                logits[b, t, batch["input_ids"][b, : t + 1]] = float("-inf")  # the history is no candidate
         mean = mean + torch.log_softmax(logits / 2.0, -1) / 2
     top = torch.softmax(mean, -1).topk(5, dim=-1)
     assert torch.equal(out["target_ids"][:, :-1, 1:], top.indices[:, :-1])
+    for b in range(3):
+        for t in range(7):
+            assert not set(out["target_ids"][b, t, 1:].tolist()) & set(batch["input_ids"][b, : t + 1].tolist())
     expected = 0.4 * top.values / top.values.sum(-1, keepdim=True)
     torch.testing.assert_close(out["target_weights"][:, :-1, 1:], expected[:, :-1])
 
