@@ -988,6 +988,19 @@ def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
     return alpha * (t * (1 - 1 / alpha) + 1 / alpha)
 
 
+def target_positions(labels: torch.Tensor, attention_mask: torch.Tensor, num_special_tokens: int) -> torch.Tensor:
+    """(B, T - 1) mask of the positions that predict a real target: position t is real and labels[t + 1] is an
+    item (not -100, padding or [UNK])."""
+    return (labels[:, 1:] >= num_special_tokens) & attention_mask[:, :-1].bool()
+
+
+def position_histories(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, T): row t holds the ids position t has seen (events <= t), 0 (the padding id) elsewhere."""
+    seq_len = input_ids.shape[1]
+    seen = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()  # t sees <= t
+    return input_ids[:, None, :].masked_fill(~seen, 0)
+
+
 def next_item_loss(
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
@@ -1055,7 +1068,7 @@ def next_item_loss(
             history = history_ids.masked_fill(~attention_mask.bool(), 0).clamp(min=0)[keep]  # (N, T)
     else:
         shifted = labels[:, 1:]  # (B, T-1)
-        keep = (shifted >= num_special_tokens) & attention_mask[:, :-1].bool()
+        keep = target_positions(labels, attention_mask, num_special_tokens)
         hidden, targets = hidden_states[:, :-1][keep], shifted[keep]  # (N, d), (N,)
         if recency_half_life:  # d = real targets after this one in its row
             after = keep.flip(1).cumsum(1).flip(1) - 1
@@ -1073,10 +1086,7 @@ def next_item_loss(
         if soft_targets is not None:
             targets, weights = soft_targets[0][:, :-1][keep], soft_targets[1][:, :-1][keep]  # (N, K)
         if history_ids is not None and loss_type == "full_ce":
-            seq_len = history_ids.shape[1]
-            seen = torch.ones(seq_len - 1, seq_len, dtype=torch.bool, device=history_ids.device).tril()  # t sees <= t
-            history = history_ids[:, None, :].masked_fill(~seen, 0).clamp(min=0)  # (B, T-1, T); 0 is special
-            history = history[keep]  # (N, T)
+            history = position_histories(history_ids)[:, :-1].clamp(min=0)[keep]  # (N, T); 0 is special
     num = hidden.shape[0]
     if num == 0:
         return hidden_states.sum() * 0.0

@@ -54,6 +54,8 @@ from .modeling_seqrec import (
     build_item_graph,
     build_recent_popularity,
     build_transition_prior,
+    position_histories,
+    target_positions,
 )
 from .tokenization_seqrec import ItemTokenizer
 
@@ -510,6 +512,8 @@ class TeacherEnsemble:
             if model.transition_prior is not None:
                 model.transition_prior.weight.zero_()  # the network's own scores
             self.models.append(model)
+        with torch.no_grad():  # frozen teachers: their concatenated item tables, scored against once per step
+            self.table = torch.cat([model.item_table() for model in self.models], -1) / len(self.models)
         self.weight, self.top_k = recipe.distill_weight, recipe.distill_top_k
         self.temperature = recipe.distill_temperature
         self.num_special = tokenizer.num_special_tokens
@@ -522,29 +526,20 @@ class TeacherEnsemble:
         mean of their logits by one constant per position, which neither the top items nor their softmax
         renormalised over those items depend on: so one matmul over the concatenated teachers suffices."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "timestamps", "query_timestamps") if k in batch}
-        labels = batch["labels"]
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = (labels[:, 1:] >= self.num_special) & batch["attention_mask"][:, :-1].bool()
-        states, tables = [], []
-        for model in self.models:  # the network part of SeqRecForNextItemPrediction.forward, at the kept positions
-            graph = model.model.item_table(model.item_head.weight) if model.model.item_graph is not None else None
-            table = graph if model.config.tie_word_embeddings else None
-            hidden = model.model(**inputs, item_table=table).last_hidden_state
-            states.append(model.score_users(hidden[keep]))  # (N, d)
-            tables.append(model.score_table(model.item_head.weight if graph is None else graph))  # (V, d)
-        logits = torch.cat(states, -1) @ torch.cat(tables, -1).t() / (len(self.models) * self.temperature)
+        labels, ids = batch["labels"], batch["input_ids"]
+        keep = target_positions(labels, batch["attention_mask"], self.num_special)  # (B, T - 1)
+        states = [model.score_users(model.model(**inputs).last_hidden_state[:, :-1][keep]) for model in self.models]
+        logits = torch.cat(states, -1) @ self.table.t() / self.temperature  # (N, V): the teachers' mean logits
         logits[:, : self.num_special] = float("-inf")  # never candidates
-        ids = batch["input_ids"]
-        seen = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()  # t sees <= t
-        history = ids[:, None, :].masked_fill(~seen, 0)[keep]  # (N, T); 0 is the padding id, never a candidate
-        logits.scatter_(1, history, float("-inf"))  # as evaluation: what a position has seen is not recommended
+        # as evaluation: what a position has seen is not recommended (0, the padding id, is special anyway)
+        logits.scatter_(1, position_histories(ids)[:, :-1][keep], float("-inf"))
         top = logits.float().topk(self.top_k, dim=-1)
         next_item = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=0).clamp(min=0)  # position t -> t + 1
         target_ids = next_item[..., None].repeat(1, 1, self.top_k + 1)
         target_weights = torch.zeros(target_ids.shape, dtype=torch.float32, device=target_ids.device)
         target_weights[..., 0] = 1.0  # positions without a target: ignored by the loss, still well-formed
-        target_ids[keep, 1:] = top.indices
-        target_weights[keep] = torch.cat(
+        target_ids[:, :-1][keep, 1:] = top.indices
+        target_weights[:, :-1][keep] = torch.cat(
             [torch.full_like(top.values[:, :1], 1.0 - self.weight), self.weight * torch.softmax(top.values, -1)], -1
         )
         return {**batch, "target_ids": target_ids, "target_weights": target_weights}
