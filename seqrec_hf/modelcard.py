@@ -275,7 +275,7 @@ def render_model_card(
     if recipe.get("ema_decay"):
         architecture += f"; the weights are an exponential moving average (decay {recipe['ema_decay']})"
     if recipe.get("distill_from"):
-        teachers = len([part for part in str(recipe["distill_from"]).split(",") if part.strip()])
+        teachers = len(str(recipe["distill_from"]).split(","))  # canonical "a,b,c" (TrainingRecipe)
         architecture += (
             f"; trained by distillation from {teachers} finished run(s) (target mass {recipe.get('distill_weight')}"
             f" on their top {recipe.get('distill_top_k')} items, temperature {recipe.get('distill_temperature')})"

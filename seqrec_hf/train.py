@@ -214,7 +214,11 @@ class TrainingRecipe:
             raise ValueError("target_window > 1 needs train_rows='sequences' (a prefix row has one target)")
         if self.train_rows == "prefixes" and self.loss_recency_half_life:
             raise ValueError("loss_recency_half_life needs train_rows='sequences' (a prefix row has one target)")
-        if self.distill_from:
+        if self.distill_from is not None:
+            # canonical "a,b,c": the teachers and the model card split it the same way
+            self.distill_from = ",".join(part.strip() for part in str(self.distill_from).split(",") if part.strip())
+            if not self.distill_from:
+                raise ValueError("distill_from: no teacher folder given (expected comma-separated model folders)")
             if self.train_rows != "sequences" or self.target_window > 1 or self.loss_type != "full_ce":
                 raise ValueError(
                     "distill_from needs train_rows='sequences', target_window=1 and loss_type='full_ce'"
@@ -494,11 +498,10 @@ class TeacherEnsemble:
     """
 
     def __init__(self, recipe: TrainingRecipe, tokenizer: ItemTokenizer, device: torch.device):
-        folders = [part.strip() for part in (recipe.distill_from or "").split(",") if part.strip()]
-        if not folders:
+        if not recipe.distill_from:
             raise ValueError("distill_from: no teacher folder given")
         self.models = []
-        for folder in folders:
+        for folder in recipe.distill_from.split(","):
             if not (Path(folder) / "config.json").is_file():
                 raise FileNotFoundError(f"distill_from: {folder} is not a saved model folder (no config.json)")
             teacher_vocab = ItemTokenizer.from_pretrained(folder).get_vocab()

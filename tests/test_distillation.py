@@ -107,6 +107,12 @@ def test_teachers_must_share_the_vocabulary(tmp_path):
         load_recipe(None, parse_overrides([f"distill_from={tmp_path / 't'}", "distill_weight=0"]))
 
 
+def test_recipe_normalises_the_teacher_list():
+    assert load_recipe(None, {"distill_from": " runs/a , runs/b,"}).distill_from == "runs/a,runs/b"
+    with pytest.raises(ValueError, match="no teacher folder given"):
+        load_recipe(None, {"distill_from": " , "})
+
+
 def test_training_distils_a_finished_run(tmp_path):
     common = TINY + ["max_steps=12", "eval_every_steps=6"]
     train(load_recipe(None, parse_overrides(common + [f"output_dir={tmp_path / 'teacher'}"])))
