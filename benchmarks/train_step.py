@@ -1,6 +1,7 @@
 """Seconds per training step of the quality recipes, with and without the two CPU fast paths of the loss and
 encoder: training on real events only (`unpad_training`) and cache-sized loss chunks
-(`CPU_CACHE_LOGITS_PER_CHUNK`), and what the optional contrastive term (`contrastive_weight`) adds. One command:
+(`CPU_CACHE_LOGITS_PER_CHUNK`), and what the optional contrastive term (`contrastive_weight`) and distillation
+(`distill_from`: three teachers of the recipe's size, scored on the fly or precomputed once per row) add. One command:
 
     .venv/bin/python benchmarks/train_step.py                       # beauty + sports, 1 thread, fp32
     .venv/bin/python benchmarks/train_step.py --recipes sports --threads 2 --rounds 5
@@ -15,10 +16,12 @@ within each round (median reported). Writes benchmarks/results/train_step.{md,js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,23 +33,36 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from seqrec_hf import modeling_seqrec  # noqa: E402
 from seqrec_hf.data import SeqRecCollator  # noqa: E402
-from seqrec_hf.train import build_model, load_recipe, prepare_data, training_loader  # noqa: E402
+from seqrec_hf.train import (  # noqa: E402
+    TeacherEnsemble,
+    build_model,
+    load_recipe,
+    prepare_data,
+    training_loader,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import cpu_name, git_commit  # noqa: E402
 
-# name -> (unpad_training, cache-sized CPU loss chunks, contrastive_weight); the last row prices the optional
-# contrastive term (its second encoder pass) on top of the defaults
+# name -> (unpad_training, cache-sized CPU loss chunks, contrastive_weight, distillation); the last rows price
+# the optional contrastive term (its second encoder pass) and distillation on top of the defaults
 VARIANTS = {
-    "before (padded encoder, 4096-position loss chunks)": (False, False, 0.0),
-    "unpadded encoder": (True, False, 0.0),
-    "cache-sized loss chunks": (False, True, 0.0),
-    "both (current default)": (True, True, 0.0),
-    "both + contrastive term (contrastive_weight > 0)": (True, True, 0.02),
+    "before (padded encoder, 4096-position loss chunks)": (False, False, 0.0, None),
+    "unpadded encoder": (True, False, 0.0, None),
+    "cache-sized loss chunks": (False, True, 0.0, None),
+    "both (current default)": (True, True, 0.0, None),
+    "both + contrastive term (contrastive_weight > 0)": (True, True, 0.02, None),
+    "both + distillation, 3 teachers scored every step": (True, True, 0.0, "on the fly"),
+    "both + distillation, 3 teachers precomputed (current)": (True, True, 0.0, "precomputed"),
 }
 
 
-def step(model, optimizer, batch) -> None:
+def step(model, optimizer, batch, teachers=None, distill=None) -> None:
+    if distill == "precomputed":  # the teachers read each row's targets from their cache
+        batch = teachers(batch)
+    else:
+        batch = {key: value for key, value in batch.items() if key != "row_index"}
+        batch = teachers(batch) if distill else batch  # no row index: the teachers score the batch
     loss = model(**batch).loss
     loss.backward()
     optimizer.step()
@@ -57,7 +73,9 @@ def bench_recipe(name: str, args) -> dict:
     path = Path(name) if name.endswith((".yaml", ".yml")) else REPO_ROOT / "training" / "configs" / f"{name}.yaml"
     recipe = load_recipe(path, {"mixed_precision": "no"})
     splits, tokenizer, rows = prepare_data(recipe)
-    loader = training_loader(recipe, rows, SeqRecCollator(tokenizer, max_length=recipe.max_length))
+    rows = rows.add_column("row_index", list(range(len(rows))))  # as train() adds it when distilling
+    collator = SeqRecCollator(tokenizer, max_length=recipe.max_length)
+    loader = training_loader(recipe, rows, collator)
     batches = []
     for batch in loader:
         batches.append(batch)
@@ -70,21 +88,32 @@ def bench_recipe(name: str, args) -> dict:
         torch.manual_seed(recipe.seed)
         model = build_model(recipe, tokenizer, splits["train"]).train()
         models[variant] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    with tempfile.TemporaryDirectory() as folder:  # speed does not depend on what the teachers learnt
+        for seed in (1, 2, 3):
+            torch.manual_seed(seed)
+            build_model(recipe, tokenizer, splits["train"]).save_pretrained(f"{folder}/t{seed}")
+            tokenizer.save_pretrained(f"{folder}/t{seed}")
+        distilling = dataclasses.replace(recipe, distill_from=",".join(f"{folder}/t{seed}" for seed in (1, 2, 3)))
+        teachers = TeacherEnsemble(distilling, tokenizer, torch.device("cpu"))
+    start = time.perf_counter()
+    teachers.precompute(rows, collator, recipe.batch_size)
+    precompute_seconds = time.perf_counter() - start
+    print(f"{name}: teacher targets of {len(rows)} rows precomputed in {precompute_seconds:.1f} s", flush=True)
     default_cache = modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK
     seconds = {variant: [] for variant in VARIANTS}
     try:
         for round_index in range(args.rounds):
-            for variant, (unpad, cache, contrastive) in VARIANTS.items():
+            for variant, (unpad, cache, contrastive, distill) in VARIANTS.items():
                 model, optimizer = models[variant]
                 model.config.unpad_training = unpad
                 model.config.contrastive_weight = contrastive
                 # without the cache cap only the memory cap (MAX_LOGITS_PER_CHUNK) bounds a chunk, as before
                 modeling_seqrec.CPU_CACHE_LOGITS_PER_CHUNK = default_cache if cache else 2**62
                 for batch in batches[: args.warmup] if round_index == 0 else []:
-                    step(model, optimizer, batch)
+                    step(model, optimizer, batch, teachers, distill)
                 start = time.perf_counter()
                 for batch in batches[args.warmup :]:
-                    step(model, optimizer, batch)
+                    step(model, optimizer, batch, teachers, distill)
                 seconds[variant].append((time.perf_counter() - start) / args.steps)
                 print(f"{name} round {round_index} {variant}: {seconds[variant][-1]:.3f} s/step", flush=True)
     finally:
@@ -108,6 +137,8 @@ def bench_recipe(name: str, args) -> dict:
         "batch_size": recipe.batch_size,
         "real_events_per_batch": real,
         "padded_positions_per_batch": padded,
+        "training_rows": len(rows),
+        "teacher_precompute_seconds": precompute_seconds,
         "rows": rows_out,
     }
 
@@ -134,7 +165,9 @@ def write_markdown(payload: dict, path: Path) -> None:
             "",
             f"Catalog {result['catalog']:,} ids; batch {result['batch_size']}: "
             f"{result['real_events_per_batch']:.0f} real events in {result['padded_positions_per_batch']:.0f} padded "
-            f"positions per batch ({share:.0%} real).",
+            f"positions per batch ({share:.0%} real). Precomputing the 3 teachers' targets of all "
+            f"{result['training_rows']:,} training rows took {result['teacher_precompute_seconds']:.1f} s "
+            "(once per run).",
             "",
             "| variant | s/step (median) | per round | speed-up vs before (min-max) |",
             "|---|---:|---|---|",

@@ -984,6 +984,8 @@ class SeqRecCollator:
             labels = batch["input_ids"].clone()
         labels[labels < num_special] = -100  # padding and [UNK] are never targets
         batch["labels"] = labels
+        if all("row_index" in f for f in features):  # distillation finds its precomputed targets by row
+            batch["row_index"] = torch.tensor([f["row_index"] for f in features], dtype=torch.long)
         return batch
 
 

@@ -520,14 +520,17 @@ class TeacherEnsemble:
         self.weight, self.top_k = recipe.distill_weight, recipe.distill_top_k
         self.temperature = recipe.distill_temperature
         self.num_special = tokenizer.num_special_tokens
+        self.offsets: torch.Tensor | None = None
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, weights) after precompute()
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch plus `target_ids`/`target_weights` (B, T, 1 + top_k): column 0 is the true next item.
+    def _top_items(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keep, ids, weights): the positions with a target, (B, T - 1) mask, and for each of them (N, top_k)
+        the teachers' most likely items with their share of `distill_weight`.
 
-        Only the positions with a target are scored. The mean of the teachers' log-softmax differs from the
-        mean of their logits by one constant per position, which neither the top items nor their softmax
-        renormalised over those items depend on: so one matmul over the concatenated teachers suffices."""
+        The mean of the teachers' log-softmax differs from the mean of their logits by one constant per
+        position, which neither the top items nor their softmax renormalised over those items depend on: so one
+        matmul over the concatenated teachers suffices."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "timestamps", "query_timestamps") if k in batch}
         labels, ids = batch["labels"], batch["input_ids"]
         keep = target_positions(labels, batch["attention_mask"], self.num_special)  # (B, T - 1)
@@ -537,14 +540,51 @@ class TeacherEnsemble:
         # as evaluation: what a position has seen is not recommended (0, the padding id, is special anyway)
         logits.scatter_(1, position_histories(ids)[:, :-1][keep], float("-inf"))
         top = logits.float().topk(self.top_k, dim=-1)
+        return keep, top.indices, self.weight * torch.softmax(top.values, -1)
+
+    @torch.no_grad()
+    def precompute(self, rows: datasets.Dataset, collator, batch_size: int = 256, show_progress: bool = True) -> None:
+        """Score every training row once, so that training steps read the targets instead of running the
+        teachers: frozen teachers in eval mode give a row the same targets in every epoch, and scoring them
+        cost ~0.8 of a student step (Beauty/Sports recipes on CPU). Memory: top_k x 8 bytes per target.
+
+        Entries are stored row after row, each row's target positions in order; a batch finds its own by
+        `row_index` (the collator passes it through) and the rank of each target within its row, which
+        padding does not change."""
+        counts, ids, weights = [], [], []
+        for start in tqdm(range(0, len(rows), batch_size), desc="teacher targets", disable=not show_progress):
+            batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            batch = {key: value.to(self.table.device) for key, value in batch.items()}
+            keep, top_ids, top_weights = self._top_items(batch)
+            counts.append(keep.sum(1))
+            ids.append(top_ids.to(torch.int32))
+            weights.append(top_weights)
+        counts = torch.cat(counts)
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])  # first entry of each row
+        self.cached = torch.cat(ids), torch.cat(weights)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch plus `target_ids`/`target_weights` (B, T, 1 + top_k): column 0 is the true next item.
+
+        Only the positions with a target are scored; after `precompute`, batches with a `row_index` read them
+        from the cache (the row index is dropped from the returned batch)."""
+        batch = dict(batch)
+        rows = batch.pop("row_index", None)
+        labels = batch["labels"]
+        if rows is not None and self.cached is not None:
+            keep = target_positions(labels, batch["attention_mask"], self.num_special)
+            entry = (self.offsets[rows][:, None] + keep.cumsum(1) - 1)[keep]  # the k-th target of its row
+            top_ids, top_weights = self.cached[0][entry].long(), self.cached[1][entry]
+        else:
+            keep, top_ids, top_weights = self._top_items(batch)
         next_item = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=0).clamp(min=0)  # position t -> t + 1
         target_ids = next_item[..., None].repeat(1, 1, self.top_k + 1)
         target_weights = torch.zeros(target_ids.shape, dtype=torch.float32, device=target_ids.device)
         target_weights[..., 0] = 1.0  # positions without a target: ignored by the loss, still well-formed
-        target_ids[:, :-1][keep, 1:] = top.indices
-        target_weights[:, :-1][keep] = torch.cat(
-            [torch.full_like(top.values[:, :1], 1.0 - self.weight), self.weight * torch.softmax(top.values, -1)], -1
-        )
+        target_ids[:, :-1][keep, 1:] = top_ids
+        true_item = torch.full_like(top_weights[:, :1], 1.0 - self.weight)
+        target_weights[:, :-1][keep] = torch.cat([true_item, top_weights], -1)
         return {**batch, "target_ids": target_ids, "target_weights": target_weights}
 
 
@@ -706,6 +746,8 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     splits, tokenizer, train_rows = prepare_data(recipe)
+    if recipe.distill_from:  # the teachers' targets are precomputed once per row (TeacherEnsemble.precompute)
+        train_rows = train_rows.add_column("row_index", list(range(len(train_rows))))
     collator = SeqRecCollator(tokenizer, max_length=recipe.max_length)
     loader = training_loader(recipe, train_rows, collator)
     model = build_model(recipe, tokenizer, splits["train"])
@@ -729,7 +771,10 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     average = WeightAverage(accelerator.unwrap_model(model), recipe.ema_decay) if recipe.ema_decay > 0 else None
-    teachers = TeacherEnsemble(recipe, tokenizer, accelerator.device) if recipe.distill_from else None
+    teachers = None
+    if recipe.distill_from:
+        teachers = TeacherEnsemble(recipe, tokenizer, accelerator.device)
+        teachers.precompute(train_rows, collator, recipe.batch_size, show_progress=accelerator.is_local_main_process)
 
     state = {"global_step": 0, "epoch": 0, "best_ndcg": -1.0, "best_step": 0, "bad_evals": 0, "tokens": 0}
     state["train_seconds"] = 0.0

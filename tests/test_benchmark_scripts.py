@@ -282,4 +282,5 @@ def test_train_step_benchmark_times_every_variant_and_restores_the_chunk_cap(rec
         assert len(row["seconds_per_step"]) == 2 and all(s > 0 for s in row["seconds_per_step"])
     assert result["rows"][0]["speedup_vs_before"] == [1.0, 1.0]
     assert 0 < result["real_events_per_batch"] <= result["padded_positions_per_batch"]
+    assert result["training_rows"] > 0 and result["teacher_precompute_seconds"] > 0
     assert "both (current default)" in out.with_suffix(".md").read_text()

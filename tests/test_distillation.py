@@ -2,6 +2,7 @@
 
 import json
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,3 +127,33 @@ def test_training_distils_a_finished_run(tmp_path):
     first = [json.loads(line)["loss"] for line in (student_log[0], teacher_log[0])]
     assert first[0] != pytest.approx(first[1])  # same seed and data: only the soft targets differ
     assert plain["recipe"]["distill_from"] is None
+
+
+def test_precomputed_targets_match_the_teachers_on_any_batch(tmp_path):
+    """Training reads the teachers' targets from a cache built once per row; a shuffled batch (other rows
+    beside it, so other padding) must get exactly what the teachers give it on the fly."""
+    from seqrec_hf.data import SeqRecCollator
+
+    tokenizer = ItemTokenizer.from_items([f"i{n}" for n in range(38)])
+    for seed in (0, 1):
+        save_teacher(tmp_path / f"t{seed}", seed, tokenizer)
+    teachers = f"distill_from={tmp_path / 't0'},{tmp_path / 't1'}"
+    recipe = load_recipe(None, parse_overrides([teachers, "distill_top_k=5"]))
+    g = torch.Generator().manual_seed(0)
+    histories = [[f"i{n}" for n in torch.randint(0, 38, (int(length),), generator=g)] for length in
+                 torch.randint(4, 14, (23,), generator=g)]  # fmt: skip
+    histories[3][2] = "unknown-item"  # an [UNK] target: no entry, and the rows after it must still line up
+    rows = datasets.Dataset.from_dict({"item_ids": histories, "row_index": list(range(len(histories)))})
+    collator = SeqRecCollator(tokenizer, max_length=10)  # longer rows are truncated the same way in both
+    ensemble = TeacherEnsemble(recipe, tokenizer, torch.device("cpu"))
+    ensemble.precompute(rows, collator, batch_size=4, show_progress=False)
+    for order in ([5, 3, 17, 0, 22], [3], list(range(22, -1, -2))):
+        batch = collator([rows[i] for i in order])
+        cached = ensemble(batch)
+        direct = ensemble({k: v for k, v in batch.items() if k != "row_index"})
+        assert "row_index" not in cached
+        assert torch.equal(cached["target_ids"], direct["target_ids"])
+        torch.testing.assert_close(cached["target_weights"], direct["target_weights"])
+    wrong = collator([rows[i] for i in (1, 2)])
+    wrong["row_index"] = torch.tensor([2, 1])  # the cache is found by row: another row's targets differ
+    assert not torch.equal(ensemble(wrong)["target_ids"], ensemble(collator([rows[1], rows[2]]))["target_ids"])
