@@ -278,7 +278,9 @@ def render_model_card(
         teachers = len(str(recipe["distill_from"]).split(","))  # canonical "a,b,c" (TrainingRecipe)
         architecture += (
             f"; trained by distillation from {teachers} finished run(s) (target mass {recipe.get('distill_weight')}"
-            f" on their top {recipe.get('distill_top_k')} items, temperature {recipe.get('distill_temperature')})"
+            f" on their top {recipe.get('distill_top_k')} items, temperature {recipe.get('distill_temperature')}"
+            + (", networks with their stacked prior" if recipe.get("distill_prior") else ", networks alone")
+            + ")"
         )
     hyper_names = (
         "max_length",

@@ -151,6 +151,10 @@ class TrainingRecipe:
     distill_weight: float = field(default=0.5, metadata={"help": "Target mass on the teachers' distribution."})
     distill_top_k: int = field(default=32, metadata={"help": "Teacher items kept per position (renormalised)."})
     distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the teachers' softmax."})
+    distill_prior: bool = field(
+        default=False,
+        metadata={"help": "Teachers score with their fitted stacked prior, counted on this run's training rows."},
+    )
     num_negatives: int = field(default=256, metadata={"help": "Uniform negatives for sampled losses."})
     in_batch_negatives: bool = True
     gbce_t: float = 0.75
@@ -214,6 +218,8 @@ class TrainingRecipe:
             raise ValueError("target_window > 1 needs train_rows='sequences' (a prefix row has one target)")
         if self.train_rows == "prefixes" and self.loss_recency_half_life:
             raise ValueError("loss_recency_half_life needs train_rows='sequences' (a prefix row has one target)")
+        if self.distill_prior and self.distill_from is None:
+            raise ValueError("distill_prior needs distill_from (the teachers whose prior is used)")
         if self.distill_from is not None:
             # canonical "a,b,c": the teachers and the model card split it the same way
             self.distill_from = ",".join(part.strip() for part in str(self.distill_from).split(",") if part.strip())
@@ -224,6 +230,8 @@ class TrainingRecipe:
                     "distill_from needs train_rows='sequences', target_window=1 and loss_type='full_ce'"
                     " (soft targets at every position of the full softmax)"
                 )
+            if self.distill_prior and self.transition_prior_lags <= 0:
+                raise ValueError("distill_prior needs transition_prior_lags > 0 (the teachers' prior is counted so)")
             if not 0.0 < self.distill_weight <= 1.0 or self.distill_top_k < 1 or self.distill_temperature <= 0:
                 raise ValueError(
                     "distill_weight must be in (0, 1], distill_top_k >= 1 and distill_temperature > 0, got"
@@ -495,12 +503,24 @@ class TeacherEnsemble:
     training), in eval mode, on the same batch the student reads; they must share the student's vocabulary.
     Each position's own history is left out of the teachers' distribution, as it is left out of the ranking:
     trained networks put about half their mass on the item just read (Beauty), which is never a target there.
+
+    With `distill_prior`, the teachers score as they serve: network plus their stacked prior with the weights
+    fitted on validation. The prior's counts are made again on this run's training histories (a teacher's
+    saved counts may include validation items: `transition_prior_counts='inputs'`), and each position's own
+    transition is left out of them (n - 1, as `transition_prior_in_loss` does), so the count of the very
+    event being predicted never points at it.
     """
 
-    def __init__(self, recipe: TrainingRecipe, tokenizer: ItemTokenizer, device: torch.device):
+    def __init__(
+        self,
+        recipe: TrainingRecipe,
+        tokenizer: ItemTokenizer,
+        device: torch.device,
+        train_split: datasets.Dataset | None = None,
+    ):
         if not recipe.distill_from:
             raise ValueError("distill_from: no teacher folder given")
-        self.models = []
+        self.models, prior_weights = [], []
         for folder in recipe.distill_from.split(","):
             if not (Path(folder) / "config.json").is_file():
                 raise FileNotFoundError(f"distill_from: {folder} is not a saved model folder (no config.json)")
@@ -512,9 +532,19 @@ class TeacherEnsemble:
                 )
             model = SeqRecForNextItemPrediction.from_pretrained(folder).to(device).eval()
             model.requires_grad_(False)
+            if recipe.distill_prior:
+                _check_teacher_prior(folder, model.config, recipe)
+                prior_weights.append(model.transition_prior.weight.detach().clone())
             if model.transition_prior is not None:
                 model.transition_prior.weight.zero_()  # the network's own scores
             self.models.append(model)
+        self.prior = None
+        if recipe.distill_prior:  # the teachers share the tables: the mean of their priors is one prior
+            if train_split is None:
+                raise ValueError("distill_prior: the teachers' prior is counted on the training split; pass it")
+            count_transition_prior(self.models[0], recipe, tokenizer, _histories(tokenizer, train_split))
+            self.prior = copy.deepcopy(self.models[0].transition_prior)
+            self.prior.weight.copy_(torch.stack(prior_weights).mean(0))
         with torch.no_grad():  # frozen teachers: their concatenated item tables, scored against once per step
             self.table = torch.cat([model.item_table() for model in self.models], -1) / len(self.models)
         self.weight, self.top_k = recipe.distill_weight, recipe.distill_top_k
@@ -536,6 +566,13 @@ class TeacherEnsemble:
         keep = target_positions(labels, batch["attention_mask"], self.num_special)  # (B, T - 1)
         states = [model.score_users(model.model(**inputs).last_hidden_state[:, :-1][keep]) for model in self.models]
         logits = torch.cat(states, -1) @ self.table.t() / self.temperature  # (N, V): the teachers' mean logits
+        if self.prior is not None:  # sparse counts of each position's next item, its own transition left out
+            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            index, value = self.prior(ids, batch["attention_mask"], targets)
+            logits = logits.float().scatter_add(1, index[:, :-1][keep], value[:, :-1][keep] / self.temperature)
+            dense = self.prior.dense(logits.shape[-1])
+            if dense is not None:
+                logits = logits + dense / self.temperature
         logits[:, : self.num_special] = float("-inf")  # never candidates
         # as evaluation: what a position has seen is not recommended (0, the padding id, is special anyway)
         logits.scatter_(1, position_histories(ids)[:, :-1][keep], float("-inf"))
@@ -586,6 +623,19 @@ class TeacherEnsemble:
         true_item = torch.full_like(top_weights[:, :1], 1.0 - self.weight)
         target_weights[:, :-1][keep] = torch.cat([true_item, top_weights], -1)
         return {**batch, "target_ids": target_ids, "target_weights": target_weights}
+
+
+def _check_teacher_prior(folder: str, config: SeqRecConfig, recipe: TrainingRecipe) -> None:
+    """With `distill_prior`, a teacher's prior must be the one this run counts (same lags, size, window)."""
+    fields = ("transition_prior_lags", "transition_prior_size", "transition_prior_reverse")
+    fields += ("transition_prior_recent_window",)
+    differ = [f"{name}={getattr(config, name)!r} (this run: {getattr(recipe, name)!r})" for name in fields
+              if getattr(config, name) != getattr(recipe, name)]  # fmt: skip
+    if config.transition_prior_lags <= 0 or differ:
+        raise ValueError(
+            f"distill_prior: {folder} needs a stacked prior like this run's; "
+            + (", ".join(differ) if differ else "it has none (transition_prior_lags=0)")
+        )
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -773,7 +823,7 @@ def train(recipe: TrainingRecipe, resume: bool = False) -> dict[str, Any]:
     average = WeightAverage(accelerator.unwrap_model(model), recipe.ema_decay) if recipe.ema_decay > 0 else None
     teachers = None
     if recipe.distill_from:
-        teachers = TeacherEnsemble(recipe, tokenizer, accelerator.device)
+        teachers = TeacherEnsemble(recipe, tokenizer, accelerator.device, splits["train"])
         teachers.precompute(train_rows, collator, recipe.batch_size, show_progress=accelerator.is_local_main_process)
 
     state = {"global_step": 0, "epoch": 0, "best_ndcg": -1.0, "best_step": 0, "bad_evals": 0, "tokens": 0}

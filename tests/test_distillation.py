@@ -157,3 +157,97 @@ def test_precomputed_targets_match_the_teachers_on_any_batch(tmp_path):
     wrong = collator([rows[i] for i in (1, 2)])
     wrong["row_index"] = torch.tensor([2, 1])  # the cache is found by row: another row's targets differ
     assert not torch.equal(ensemble(wrong)["target_ids"], ensemble(collator([rows[1], rows[2]]))["target_ids"])
+
+
+def prior_teacher(folder, seed, tokenizer, histories, weights):
+    """A saved teacher with a stacked prior (2 lags + recent popularity) whose counts are NOT the training
+    histories' (as a teacher saved with counts on its test inputs) and whose fitted weights are `weights`."""
+    from seqrec_hf.train import count_transition_prior
+
+    model = make_model(vocab_size=len(tokenizer), seed=seed, transition_prior_lags=2, transition_prior_size=16,
+                       transition_prior_recent_window=2)  # fmt: skip
+    recipe = load_recipe(None, {"transition_prior_lags": 2, "transition_prior_size": 16,
+                                "transition_prior_recent_window": 2})  # fmt: skip
+    count_transition_prior(model, recipe, tokenizer, [list(reversed(h)) for h in histories])  # other counts
+    with torch.no_grad():
+        model.transition_prior.weight.copy_(torch.tensor(weights))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_teachers_with_their_prior_match_a_direct_computation(tmp_path):
+    """distill_prior: each teacher scores as it serves (network + its fitted prior), the prior counted on the
+    student's training histories with the count of the transition being predicted left out; the targets are
+    the top items of the mean of the teachers' log-softmax."""
+    from seqrec_hf.data import SeqRecCollator
+
+    tokenizer = ItemTokenizer.from_items([f"i{n}" for n in range(30)])
+    g = torch.Generator().manual_seed(1)
+    items = [[f"i{n}" for n in torch.randint(0, 12, (9,), generator=g)] for _ in range(40)]  # dense counts
+    histories = [tokenizer.convert_items_to_ids(h) for h in items]
+    weights = ([1.0, 0.5, 0.25], [2.0, 0.0, 0.75])
+    teachers = [prior_teacher(tmp_path / f"t{i}", i, tokenizer, histories, w) for i, w in enumerate(weights)]
+    overrides = [f"distill_from={tmp_path / 't0'},{tmp_path / 't1'}", "distill_top_k=6", "distill_prior=true",
+                 "distill_temperature=2.0", "transition_prior_lags=2", "transition_prior_size=16",
+                 "transition_prior_recent_window=2"]  # fmt: skip
+    recipe = load_recipe(None, parse_overrides(overrides))
+    split = datasets.Dataset.from_dict({"item_ids": items})
+    ensemble = TeacherEnsemble(recipe, tokenizer, torch.device("cpu"), split)
+    batch = SeqRecCollator(tokenizer)(list(split.select(range(4))))
+    out = ensemble(batch)
+    # reference, from scratch: counts of "a, then b `lag` events later" and of the last 2 events of each history
+    vocab = len(tokenizer)
+    counts = torch.zeros(2, vocab, vocab)
+    recent = torch.zeros(vocab)
+    for history in histories:
+        for lag in (1, 2):
+            for a, b in zip(history, history[lag:]):
+                counts[lag - 1, a, b] += 1
+        for item in history[-2:]:
+            recent[item] += 1
+    ids = batch["input_ids"]
+    mean = 0
+    for teacher, w in zip(teachers, weights):
+        with torch.no_grad():
+            hidden = teacher.model(ids, attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = teacher.score_users(hidden) @ teacher.score_table(teacher.item_head.weight).t()
+        for b in range(4):
+            for t in range(ids.shape[1] - 1):
+                target = int(ids[b, t + 1])
+                for lag in (1, 2):
+                    if t - lag + 1 < 0:
+                        continue
+                    row = counts[lag - 1, ids[b, t - lag + 1]].clone()
+                    row[target] -= 1  # this very transition is not evidence
+                    logits[b, t] += w[lag - 1] * torch.log1p(row)
+                logits[b, t] += w[2] * torch.log1p(recent)
+                logits[b, t, ids[b, : t + 1]] = float("-inf")
+        logits[..., :2] = float("-inf")
+        mean = mean + torch.log_softmax(logits / 2.0, -1) / 2
+    top = torch.softmax(mean, -1).topk(6, dim=-1)
+    assert torch.equal(out["target_ids"][:, :-1, 1:], top.indices[:, :-1])
+    expected = 0.5 * top.values / top.values.sum(-1, keepdim=True)
+    torch.testing.assert_close(out["target_weights"][:, :-1, 1:], expected[:, :-1])
+    plain = TeacherEnsemble(load_recipe(None, parse_overrides(overrides[:-5] + overrides[-3:])), tokenizer,
+                            torch.device("cpu"))  # fmt: skip
+    assert not torch.equal(plain(batch)["target_ids"], out["target_ids"])  # the prior changed the targets
+
+
+def test_teachers_with_their_prior_are_checked(tmp_path):
+    tokenizer = ItemTokenizer.from_items([f"i{n}" for n in range(30)])
+    prior_teacher(tmp_path / "t", 0, tokenizer, [[2, 3, 4]], [1.0, 1.0, 0.5])
+    split = datasets.Dataset.from_dict({"item_ids": [["i1", "i2", "i3"]]})
+    common = [f"distill_from={tmp_path / 't'}", "distill_prior=true", "transition_prior_size=16"]
+    recipe = load_recipe(None, parse_overrides(common + ["transition_prior_lags=1"]))
+    with pytest.raises(ValueError, match="transition_prior_lags=2 \\(this run: 1\\)"):
+        TeacherEnsemble(recipe, tokenizer, torch.device("cpu"), split)
+    recipe = load_recipe(
+        None, parse_overrides(common + ["transition_prior_lags=2", "transition_prior_recent_window=2"])
+    )
+    with pytest.raises(ValueError, match="counted on the training split"):
+        TeacherEnsemble(recipe, tokenizer, torch.device("cpu"))
+    with pytest.raises(ValueError, match="distill_prior needs distill_from"):
+        load_recipe(None, parse_overrides(["distill_prior=true"]))
+    with pytest.raises(ValueError, match="distill_prior needs transition_prior_lags > 0"):
+        load_recipe(None, parse_overrides(common[:2] + ["transition_prior_lags=0"]))

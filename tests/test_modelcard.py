@@ -257,3 +257,7 @@ def test_card_says_when_a_model_was_distilled():
     card = render_model_card(metrics, model_name="m", config={})
     assert "trained by distillation from 2 finished run(s) (target mass 0.5 on their top 32 items" in card
     assert "- `distill_from`: runs/a, runs/b" in card
+    assert "temperature 1.0, networks alone)" in card
+    metrics["recipe"]["distill_prior"] = True
+    card = render_model_card(metrics, model_name="m", config={})
+    assert "temperature 1.0, networks with their stacked prior)" in card
