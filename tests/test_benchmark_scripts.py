@@ -284,3 +284,34 @@ def test_train_step_benchmark_times_every_variant_and_restores_the_chunk_cap(rec
     assert 0 < result["real_events_per_batch"] <= result["padded_positions_per_batch"]
     assert result["training_rows"] > 0 and result["teacher_precompute_seconds"] > 0
     assert "both (current default)" in out.with_suffix(".md").read_text()
+
+
+def test_ensemble_of_one_run_scores_as_the_run_and_averages_log_probabilities(tmp_path):
+    import ensemble
+
+    from seqrec_hf.train import load_recipe, parse_overrides, train
+
+    runs = []
+    for seed in (1, 2):
+        overrides = parse_overrides(TINY + ["max_steps=8", "eval_every_steps=4", "transition_prior_lags=1"])
+        overrides |= {"seed": seed, "transition_prior_counts": "inputs", "output_dir": str(tmp_path / f"seed{seed}")}
+        runs.append((tmp_path / f"seed{seed}", train(load_recipe(None, overrides))))
+    alone = ensemble.ensemble_metrics([runs[0][0]], ["validation", "test"])
+    for split in ("validation", "test"):  # the served model, its prior counted where finish() counts it
+        assert alone[split]["NDCG@10"] == pytest.approx(runs[0][1][split]["NDCG@10"], abs=1e-9)
+        assert alone[split]["HR@10"] == pytest.approx(runs[0][1][split]["HR@10"], abs=1e-9)
+
+    models = [ensemble.load_run(folder)[2] for folder, _ in runs]
+    ids = torch.tensor([[0, 5, 7, 9], [3, 4, 5, 6]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1]] * 2)}
+    with torch.no_grad():
+        each = [torch.log_softmax(m(**batch).logits[:, -1].float(), -1) for m in models]
+    mean = ensemble.ensemble_score_fn(models)(batch)
+    assert torch.allclose(mean, (each[0] + each[1]) / 2, atol=1e-6)
+    assert not torch.allclose(each[0], each[1])  # two seeds: two different members
+
+    assert ensemble.main([str(folder) for folder, _ in runs] + ["--json", str(tmp_path / "e.json")]) == 0
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert set(written) >= {"validation", "test", "runs", "command"} and 0 <= written["test"]["NDCG@10"] <= 1
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        ensemble.ensemble_metrics([tmp_path], ["test"])

@@ -1,0 +1,95 @@
+"""Score an ensemble of finished runs as served: each run's network plus its stacked, calibrated prior, their
+log-probabilities averaged, full ranking with the history excluded (the same `evaluate` as training).
+
+Why: distillation (`distill_from`) teaches one network the distribution of such an ensemble, so the ensemble's
+own validation and test scores bound what a student can learn from it; this measures them, e.g. three
+teachers against six.
+
+    python benchmarks/ensemble.py outputs/quality/beauty/fp32-inputs-drop0.6/seed{42,43,44}
+    python benchmarks/ensemble.py outputs/quality/beauty/fp32-inputs-drop0.6/seed4{2,3,4,5,6,7} --json out.json
+
+The runs must share one recipe's data (their vocabularies are checked). The prior is counted on each split's
+input histories, as `seqrec_hf.train.finish` does for a run with `transition_prior_counts='inputs'`
+(validation: the train histories; test: they plus each user's validation item); otherwise on the train split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from seqrec_hf import ItemTokenizer, SeqRecForNextItemPrediction
+from seqrec_hf.evaluation import evaluate, format_metrics_table
+from seqrec_hf.train import TrainingRecipe, _histories, count_transition_prior, prepare_data
+
+
+def load_run(run_dir: Path) -> tuple[TrainingRecipe, ItemTokenizer, SeqRecForNextItemPrediction]:
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.json (not a finished run)")
+    recorded = json.loads(metrics_path.read_text())["recipe"]
+    recipe = TrainingRecipe(**{k: v for k, v in recorded.items() if k in TrainingRecipe.__dataclass_fields__})
+    tokenizer = ItemTokenizer.from_pretrained(run_dir)
+    model = SeqRecForNextItemPrediction.from_pretrained(run_dir).eval()
+    return recipe, tokenizer, model
+
+
+def ensemble_score_fn(models: list[SeqRecForNextItemPrediction]):
+    """Batch -> (B, V): the mean of the models' log-softmax at the last position (each with its own prior)."""
+    for model in models:
+        model.eval()
+
+    @torch.no_grad()
+    def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps = [torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), -1) for model in models]
+        return torch.stack(logps).mean(0)
+
+    return score
+
+
+def ensemble_metrics(run_dirs: list[Path], splits_wanted: list[str], batch_size: int | None = None) -> dict[str, dict]:
+    runs = [load_run(Path(d)) for d in run_dirs]
+    recipe, tokenizer, _ = runs[0]
+    for (other, other_tokenizer, _), folder in zip(runs[1:], run_dirs[1:]):
+        if other_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{folder}: another item vocabulary than {run_dirs[0]}: runs must share their data")
+        if other.max_length != recipe.max_length:
+            raise ValueError(f"{folder}: max_length {other.max_length} differs from {recipe.max_length}")
+    splits, tokenizer, _ = prepare_data(recipe, tokenizer)
+    result = {}
+    for split in splits_wanted:
+        inputs = splits[split] if recipe.transition_prior_counts == "inputs" else splits["train"]
+        histories = _histories(tokenizer, inputs)
+        for run_recipe, _, model in runs:
+            if model.transition_prior is not None:
+                count_transition_prior(model, run_recipe, tokenizer, histories)
+
+        score = ensemble_score_fn([model for _, _, model in runs])
+        batch = batch_size or recipe.eval_batch_size
+        result[split] = evaluate(score, splits[split], tokenizer, batch_size=batch, max_length=recipe.max_length)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (metrics.json, model, tokenizer)")
+    parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=["validation", "test"])
+    parser.add_argument("--batch-size", type=int, help="default: the runs' eval_batch_size")
+    parser.add_argument("--json", type=Path, help="also write the metrics here")
+    args = parser.parse_args(argv)
+    result = ensemble_metrics(args.runs, args.splits, args.batch_size)
+    for split, metrics in result.items():
+        shown = {k: v for k, v in metrics.items() if not k.startswith("num_")}
+        print(format_metrics_table(shown, f"{split}: ensemble of {len(args.runs)} runs"))
+    if args.json:
+        payload = {"runs": [str(r) for r in args.runs], "command": " ".join(sys.argv), **result}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
