@@ -20,35 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from seqrec_hf import ItemTokenizer, SeqRecForNextItemPrediction
-from seqrec_hf.evaluation import evaluate, format_metrics_table
-from seqrec_hf.train import TrainingRecipe, _histories, count_transition_prior, prepare_data
+from seqrec_hf.evaluation import ensemble_score_fn, evaluate, format_metrics_table
+from seqrec_hf.train import TrainingRecipe, count_prior_on_inputs, prepare_data, recipe_of_run
 
 
 def load_run(run_dir: Path) -> tuple[TrainingRecipe, ItemTokenizer, SeqRecForNextItemPrediction]:
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.json (not a finished run)")
-    recorded = json.loads(metrics_path.read_text())["recipe"]
-    recipe = TrainingRecipe(**{k: v for k, v in recorded.items() if k in TrainingRecipe.__dataclass_fields__})
+    recipe = recipe_of_run(run_dir)
     tokenizer = ItemTokenizer.from_pretrained(run_dir)
     model = SeqRecForNextItemPrediction.from_pretrained(run_dir).eval()
     return recipe, tokenizer, model
-
-
-def ensemble_score_fn(models: list[SeqRecForNextItemPrediction]):
-    """Batch -> (B, V): the mean of the models' log-softmax at the last position (each with its own prior)."""
-    for model in models:
-        model.eval()
-
-    @torch.no_grad()
-    def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logps = [torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), -1) for model in models]
-        return torch.stack(logps).mean(0)
-
-    return score
 
 
 def ensemble_metrics(run_dirs: list[Path], splits_wanted: list[str], batch_size: int | None = None) -> dict[str, dict]:
@@ -62,11 +43,8 @@ def ensemble_metrics(run_dirs: list[Path], splits_wanted: list[str], batch_size:
     splits, tokenizer, _ = prepare_data(recipe, tokenizer)
     result = {}
     for split in splits_wanted:
-        inputs = splits[split] if recipe.transition_prior_counts == "inputs" else splits["train"]
-        histories = _histories(tokenizer, inputs)
-        for run_recipe, _, model in runs:
-            if model.transition_prior is not None:
-                count_transition_prior(model, run_recipe, tokenizer, histories)
+        for run_recipe, _, model in runs:  # finish()'s counts: the split's inputs, or the train split as saved
+            count_prior_on_inputs(model, run_recipe, tokenizer, splits[split])
 
         score = ensemble_score_fn([model for _, _, model in runs])
         batch = batch_size or recipe.eval_batch_size

@@ -37,6 +37,7 @@ from seqrec_hf.train import (
     load_recipe,
     parse_overrides,
     prepare_data,
+    recipe_of_run,
     save_pretrained_atomic,
 )
 
@@ -54,9 +55,7 @@ PRIOR_SETTINGS = frozenset(
 
 def refinish(run_dir: str | Path, overrides: dict | None = None) -> dict:
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    known = set(TrainingRecipe.__dataclass_fields__)
-    recipe = TrainingRecipe(**{k: v for k, v in metrics["recipe"].items() if k in known})
+    recipe = recipe_of_run(run_dir)
     recipe.output_dir = str(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:

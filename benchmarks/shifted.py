@@ -68,11 +68,9 @@ def selected_epoch(run_dir: str | Path) -> dict:
 
 
 def _recipe_and_splits(run_dir: str | Path):
-    from seqrec_hf.train import TrainingRecipe, prepare_data
+    from seqrec_hf.train import prepare_data, recipe_of_run
 
-    recorded = json.loads((Path(run_dir) / "metrics.json").read_text())["recipe"]
-    known = {name for name in TrainingRecipe.__dataclass_fields__}
-    recipe = TrainingRecipe(**{k: v for k, v in recorded.items() if k in known})
+    recipe = recipe_of_run(run_dir)
     if recipe.drop_last_events < 1:
         raise ValueError(f"{run_dir} was trained on the real split: this script only reads shifted splits")
     splits, tokenizer, _ = prepare_data(recipe)
@@ -139,19 +137,11 @@ def prior_scales(run_dir: str | Path, scales: list[float]) -> dict[float, dict]:
 def ensemble(run_dirs: list[str]) -> dict:
     """Mean log-probabilities of the best models of several runs (same shifted split)."""
     from seqrec_hf import SeqRecForNextItemPrediction
-    from seqrec_hf.evaluation import evaluate
+    from seqrec_hf.evaluation import ensemble_score_fn, evaluate
 
     recipe, splits, tokenizer = _recipe_and_splits(run_dirs[0])
-    models = [SeqRecForNextItemPrediction.from_pretrained(Path(d) / "best_model").eval() for d in run_dirs]
-
-    @torch.no_grad()
-    def score(batch):
-        outs = []
-        for m in models:
-            logits = m(**batch, logits_to_keep=1).logits[:, -1].float()
-            logits[:, : tokenizer.num_special_tokens] = float("-inf")  # never candidates: not in the softmax
-            outs.append(torch.log_softmax(logits, -1))
-        return torch.stack(outs).mean(0)
+    models = [SeqRecForNextItemPrediction.from_pretrained(Path(d) / "best_model") for d in run_dirs]
+    score = ensemble_score_fn(models, num_special=tokenizer.num_special_tokens)
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16"):
         validation = evaluate(score, splits["validation"], tokenizer, max_length=recipe.max_length)

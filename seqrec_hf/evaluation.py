@@ -277,6 +277,22 @@ def model_score_fn(model: torch.nn.Module) -> ScoreFn:
     return score
 
 
+def ensemble_score_fn(models: Sequence[torch.nn.Module], num_special: int = 0) -> ScoreFn:
+    """Score function of an ensemble: the mean of the models' log-softmax at the last position (each model as
+    it scores, e.g. with its own stacked prior). `num_special` > 0 leaves the special ids out of each softmax."""
+    scores = [model_score_fn(model) for model in models]  # eval mode, no grad, fp32, batch on the device
+
+    def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps = []
+        for fn in scores:
+            logits = fn(batch)
+            logits[:, :num_special] = float("-inf")  # never candidates
+            logps.append(torch.log_softmax(logits, -1))
+        return torch.stack(logps).mean(0)
+
+    return score
+
+
 DEFAULT_PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 

@@ -374,6 +374,17 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     return recipe
 
 
+def recipe_of_run(run_dir: str | os.PathLike) -> TrainingRecipe:
+    """The recipe a finished run recorded in its metrics.json (fields this code no longer has are dropped),
+    so scripts that rescore a run rebuild its data exactly as training did."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.json (not a finished run)")
+    recorded = json.loads(path.read_text())["recipe"]
+    known = {f.name for f in dataclasses.fields(TrainingRecipe)}
+    return TrainingRecipe(**{k: v for k, v in recorded.items() if k in known})
+
+
 def _coerce(name: str, value: Any, annotation: Any, source: Any) -> Any:
     """YAML reads `3e-4` as a string and users write `true`/`1`: convert to the field's type or say which field."""
     options = typing.get_args(annotation) or (annotation,)

@@ -306,7 +306,7 @@ def test_ensemble_of_one_run_scores_as_the_run_and_averages_log_probabilities(tm
     batch = {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1]] * 2)}
     with torch.no_grad():
         each = [torch.log_softmax(m(**batch).logits[:, -1].float(), -1) for m in models]
-    mean = ensemble.ensemble_score_fn(models)(batch)
+    mean = ensemble.ensemble_score_fn(models)(batch)  # the function the script imports
     assert torch.allclose(mean, (each[0] + each[1]) / 2, atol=1e-6)
     assert not torch.allclose(each[0], each[1])  # two seeds: two different members
 
