@@ -24,6 +24,9 @@ from seqrec_hf import ItemTokenizer, SeqRecForNextItemPrediction
 from seqrec_hf.evaluation import ensemble_score_fn, evaluate, format_metrics_table
 from seqrec_hf.train import TrainingRecipe, count_prior_on_inputs, prepare_data, recipe_of_run
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import git_commit  # noqa: E402
+
 
 def load_run(run_dir: Path) -> tuple[TrainingRecipe, ItemTokenizer, SeqRecForNextItemPrediction]:
     recipe = recipe_of_run(run_dir)
@@ -52,6 +55,11 @@ def ensemble_metrics(run_dirs: list[Path], splits_wanted: list[str], batch_size:
     return result
 
 
+def _options(args: argparse.Namespace) -> list[str]:
+    options = ["--splits", *args.splits] if args.splits != ["validation", "test"] else []
+    return options + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (metrics.json, model, tokenizer)")
@@ -64,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         shown = {k: v for k, v in metrics.items() if not k.startswith("num_")}
         print(format_metrics_table(shown, f"{split}: ensemble of {len(args.runs)} runs"))
     if args.json:
-        payload = {"runs": [str(r) for r in args.runs], "command": " ".join(sys.argv), **result}
+        # provenance as the other benchmark scripts record it: the command that reproduces it, and the commit
+        command = "python benchmarks/ensemble.py " + " ".join([str(r) for r in args.runs] + _options(args))
+        payload = {"runs": [str(r) for r in args.runs], "command": command, "commit": git_commit(), **result}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 

@@ -312,6 +312,7 @@ def test_ensemble_of_one_run_scores_as_the_run_and_averages_log_probabilities(tm
 
     assert ensemble.main([str(folder) for folder, _ in runs] + ["--json", str(tmp_path / "e.json")]) == 0
     written = json.loads((tmp_path / "e.json").read_text())
-    assert set(written) >= {"validation", "test", "runs", "command"} and 0 <= written["test"]["NDCG@10"] <= 1
+    assert set(written) >= {"validation", "test", "runs", "command", "commit"} and 0 <= written["test"]["NDCG@10"] <= 1
+    assert written["command"].startswith("python benchmarks/ensemble.py ") and "--json" not in written["command"]
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         ensemble.ensemble_metrics([tmp_path], ["test"])
